@@ -1,0 +1,59 @@
+# The README's commands. `make test` and `make demo` do all set-up on a fresh machine: a virtual
+# environment with pinned dependencies, the package built in place, then the run.
+# On a machine whose Python already has torch (a GPU machine, no network): make test PYTHON=python3
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton
+VENV ?= .venv
+FUSEDOPT_BUILD_EXT ?= auto
+export FUSEDOPT_BUILD_EXT
+
+ifdef PYTHON
+PY := $(PYTHON)
+SETUP_STAMP := build/.setup-external
+else
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.setup-done
+endif
+BUILD_STAMP := build/.built-$(notdir $(PY))
+SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
+
+.PHONY: test demo bench setup build clean
+
+$(VENV)/.setup-done:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install --quiet "$(TRITON_SPEC)" ninja setuptools wheel pytest numpy expecttest
+	touch $@
+
+# An interpreter that brings its own torch: use what it has, install nothing (there may be no network).
+build/.setup-external:
+	mkdir -p build
+	$(PY) -c "import torch, pytest; print('using torch', torch.__version__, 'from', torch.__file__)"
+	touch $@
+
+setup: $(SETUP_STAMP)
+
+$(BUILD_STAMP): $(SETUP_STAMP) $(SOURCES)
+	mkdir -p build
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILD_STAMP)
+
+# Two pytest runs: Triton's interpreter must be switched on before triton is first imported.
+test: build
+	$(PY) -m pytest tests -q -m "not interpret"
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m interpret
+
+# The main job; for now the optimizer benchmark (results land in bench/results/).
+demo: build
+	$(PY) bench/bench_optim.py
+
+bench: demo
+
+clean:
+	rm -rf build *.egg-info fusedopt/_C*.so

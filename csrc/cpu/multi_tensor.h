@@ -1,0 +1,173 @@
+// Shared pieces of the CPU multi-tensor kernels: how many tensors' elements are cut into chunks and
+// spread over threads in one parallel region, and how fp32/bf16/fp16 storage is loaded as fp32.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <vector>
+
+// The storage dtypes of params and optimizer states; math is always fp32.
+#define FUSEDOPT_DISPATCH_PARAM_TYPES(TYPE, NAME, ...)           \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace fusedopt::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+// Elements per vector step: two fp32 vectors, which is one vector of bf16/fp16 storage.
+constexpr int64_t kVecStep = 2 * Vec::size();
+
+// One contiguous piece of one tensor, the unit of work handed to a thread.
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// 16K elements per chunk: the few streams of a chunk stay in L2, and a large tensor yields enough
+// chunks to split evenly over threads.
+constexpr int64_t kChunkElements = 16384;
+// Below this many elements in total, the fork/join of a parallel region costs more than it saves.
+constexpr int64_t kMinParallelElements = 65536;
+
+inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
+    for (int64_t begin = 0; begin < numels[t]; begin += kChunkElements) {
+      chunks.push_back({t, begin, std::min(begin + kChunkElements, numels[t])});
+    }
+  }
+  return chunks;
+}
+
+// Runs fn(chunk) for every chunk of every tensor in one parallel region: contiguous runs of chunks
+// per thread, so each thread streams through whole cache lines.
+template <typename Fn>
+void parallel_for_chunks(const std::vector<int64_t>& numels, const Fn& fn) {
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  int64_t total = 0;
+  for (int64_t n : numels) total += n;
+  const int64_t count = static_cast<int64_t>(chunks.size());
+  const int64_t grain = total < kMinParallelElements ? std::max<int64_t>(count, 1) : 1;
+  at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) fn(chunks[c]);
+  });
+}
+
+// Loads kVecStep (or `count` < kVecStep, zero-padded) elements as two fp32 vectors, and back.
+template <typename scalar_t>
+inline void load_float(const scalar_t* src, int64_t count, Vec& lo, Vec& hi) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (count == kVecStep) {
+      lo = Vec::loadu(src);
+      hi = Vec::loadu(src + Vec::size());
+    } else {
+      lo = Vec::loadu(src, std::min<int64_t>(count, Vec::size()));
+      hi = count > Vec::size() ? Vec::loadu(src + Vec::size(), count - Vec::size()) : Vec(0.f);
+    }
+  } else {
+    using Storage = at::vec::Vectorized<scalar_t>;
+    auto both = at::vec::convert_to_float<scalar_t>(
+        count == kVecStep ? Storage::loadu(src) : Storage::loadu(src, count));
+    lo = std::get<0>(both);
+    hi = std::get<1>(both);
+  }
+}
+
+template <typename scalar_t>
+inline void store_float(scalar_t* dst, int64_t count, const Vec& lo, const Vec& hi) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (count == kVecStep) {
+      lo.store(dst);
+      hi.store(dst + Vec::size());
+    } else {
+      lo.store(dst, std::min<int64_t>(count, Vec::size()));
+      if (count > Vec::size()) hi.store(dst + Vec::size(), count - Vec::size());
+    }
+  } else {
+    auto packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    if (count == kVecStep) {
+      packed.store(dst);
+    } else {
+      packed.store(dst, count);
+    }
+  }
+}
+
+// Reads a 1-element floating-point CPU tensor without a dispatcher call per tensor.
+inline double read_scalar(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return *t.const_data_ptr<float>();
+    case at::kDouble:
+      return *t.const_data_ptr<double>();
+    default:
+      return t.item<double>();
+  }
+}
+
+inline void write_scalar(const at::Tensor& t, double value) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      *t.data_ptr<float>() = static_cast<float>(value);
+      break;
+    case at::kDouble:
+      *t.data_ptr<double>() = value;
+      break;
+    default:
+      t.fill_(value);
+  }
+}
+
+// Checks that tensor i of every list sits on the CPU with param i's dtype and shape.
+inline void check_like_params(at::TensorList params, at::TensorList others, const char* name) {
+  TORCH_CHECK(others.size() == params.size(), "fusedopt: expected ", params.size(), " ", name,
+              ", got ", others.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& t = others[i];
+    TORCH_CHECK(t.device().is_cpu(), "fusedopt: ", name, "[", i, "] is on ", t.device(),
+                ", expected cpu like its param");
+    TORCH_CHECK(t.scalar_type() == p.scalar_type(), "fusedopt: ", name, "[", i, "] has dtype ",
+                t.scalar_type(), ", expected ", p.scalar_type(), " like its param");
+    TORCH_CHECK(t.sizes() == p.sizes(), "fusedopt: ", name, "[", i, "] has shape ", t.sizes(),
+                ", expected ", p.sizes(), " like its param");
+  }
+}
+
+// The kernels stream tensor i of every list as one flat array, which is right when param i is dense
+// and the others share its strides. Any other tensor i is updated through contiguous copies,
+// written back by write_back().
+class FlatLists {
+ public:
+  explicit FlatLists(std::vector<at::TensorList> lists) : lists_(lists.size()) {
+    const at::TensorList params = lists[0];
+    for (size_t i = 0; i < params.size(); ++i) {
+      bool flat = params[i].is_non_overlapping_and_dense();
+      for (const at::TensorList list : lists) {
+        flat = flat && list[i].strides() == params[i].strides();
+      }
+      for (size_t k = 0; k < lists.size(); ++k) {
+        at::Tensor t = flat ? lists[k][i] : lists[k][i].contiguous();
+        if (!t.is_same(lists[k][i])) copies_.emplace_back(lists[k][i], t);
+        lists_[k].push_back(std::move(t));
+      }
+    }
+  }
+  const std::vector<at::Tensor>& operator[](size_t k) const { return lists_[k]; }
+  void write_back() {
+    for (auto& [original, copy] : copies_) original.copy_(copy);
+  }
+
+ private:
+  std::vector<std::vector<at::Tensor>> lists_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies_;
+};
+
+}  // namespace fusedopt::cpu

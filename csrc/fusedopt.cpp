@@ -1,0 +1,33 @@
+// Every fusedopt op's schema, in one place. Implementations register per device in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake (meta) kernels live in fusedopt/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedopt, m) {
+  // One Adam / AdamW step over many tensors, in the style of aten::_fused_adamw_.
+  // Unlike aten's op, it also advances state_steps by one (so no separate launch is needed),
+  // and when found_inf is given and non-zero it changes nothing at all (GradScaler's skipped step).
+  // Grads are unscaled in place when grad_scale is given, as torch's fused step does.
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
+      "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "adam_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
+      "Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  // Memory-bandwidth probe with an optimizer's access pattern: out[k] += src for every k,
+  // split over threads exactly like the optimizer kernels. With three outs it moves 28 B/element,
+  // the bytes of an fp32 AdamW step, so the two are directly comparable.
+  m.def("stream_rmw_(Tensor(a!)[] outs, Tensor src) -> ()");
+}
+
+// fusedopt._C is imported only to load the library above; it defines no Python functions.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,3 @@
+"""Drop-in replacements for torch.nn normalization modules (LayerNorm, RMSNorm: planned)."""
+
+__all__: list[str] = []

@@ -1,0 +1,5 @@
+"""Drop-in replacements for torch.optim optimizers."""
+
+from fusedopt.optim.adam import Adam, AdamW
+
+__all__ = ["Adam", "AdamW"]

@@ -1,0 +1,61 @@
+"""What every fusedopt optimizer shares with its torch.optim twin and adds to it: the `backend`
+keyword, GradScaler support inside the step, `step` tensors on the params' device, and one kernel
+call per (device, dtype) group of tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fusedopt._backends import BACKENDS
+
+
+def to_float(value: float | Tensor) -> float:
+    """torch accepts 1-element tensors for some hyperparameters and keeps them as floats."""
+    return value.item() if isinstance(value, Tensor) else value
+
+
+class FusedOptimizer(Optimizer):
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        if defaults.get("differentiable"):
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        if defaults["backend"] not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {defaults['backend']!r}")
+        super().__init__(params, defaults)
+        # GradScaler hands this optimizer grad_scale / found_inf instead of unscaling grads itself.
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict ends here: groups saved by torch.optim lack our keys (backend), and their
+        # `step` may be a float64 CPU tensor (or a number); the kernels read a float32 tensor on
+        # the param's device.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state:
+                    p_state["step"] = self._step_tensor(p, p_state["step"])
+
+    @staticmethod
+    def _step_tensor(param: Tensor, value: float | Tensor = 0.0) -> Tensor:
+        if isinstance(value, Tensor) and value.device == param.device:
+            if value.dtype == torch.float32:
+                return value
+        return torch.as_tensor(value, dtype=torch.float32).to(param.device).reshape(())
+
+    @staticmethod
+    def _by_device_and_dtype(lists: list[list[Tensor]]) -> list[list[list[Tensor]]]:
+        """Splits parallel tensor lists into one set per (device, dtype) of the first list."""
+        grouped = Optimizer._group_tensors_by_device_and_dtype(lists)
+        return [device_lists for device_lists, _ in grouped.values()]
+
+    def _amp_args(self) -> dict[str, Tensor | None]:
+        return {"grad_scale": getattr(self, "grad_scale", None),
+                "found_inf": getattr(self, "found_inf", None)}

@@ -1,0 +1,199 @@
+"""fusedopt.Adam and fusedopt.AdamW: torch.optim.Adam / AdamW with every step fused."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fusedopt import functional
+from fusedopt.optim._base import FusedOptimizer, to_float
+
+
+class Adam(FusedOptimizer):
+    r"""Adam (Kingma & Ba, 2015), or AdamW (Loshchilov & Hutter, 2019) with decoupled weight decay.
+
+    For each param with a grad, with g its gradient and t its step count:
+
+        t += 1;  g = -g if maximize
+        p = p * (1 - lr * weight_decay)  if decoupled_weight_decay  else  g = g + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g^2
+        v_max = max(v_max, v) and v = v_max  if amsgrad
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    Args: those of torch.optim.Adam, same defaults: lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    weight_decay=0, amsgrad=False, and keyword-only foreach=None, maximize=False, capturable=False,
+    differentiable=False (True raises, as with torch's fused=True), fused=None,
+    decoupled_weight_decay=False. `foreach` and `fused` are accepted and change nothing: every
+    step is fused. Every step is also capturable: it never reads a device value on the host.
+    backend: "auto" (Triton or CUDA C++ on GPUs, C++ on CPUs), "triton", "cpp", "cuda" or
+    "reference" (plain torch).
+
+    State per param, as torch's: "step" (float32 scalar tensor on the param's device),
+    "exp_avg", "exp_avg_sq" and, with amsgrad, "max_exp_avg_sq" (the param's dtype and layout).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        # torch.optim.Adam's checks, messages and exception types.
+        if isinstance(lr, Tensor):
+            if foreach and not capturable:
+                raise ValueError(
+                    "lr as a Tensor is not supported for capturable=False and foreach=True"
+                )
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        defaults = dict(
+            lr=lr,
+            betas=(to_float(betas[0]), to_float(betas[1])),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _init_group(self, group: dict[str, Any]) -> list[list[Tensor]]:
+        """The group's params that have grads, with their state (created on first use), as
+        parallel lists; complex tensors viewed as real pairs, as torch does."""
+        lists: list[list[Tensor]] = [[], [], [], [], [], []]
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
+        amsgrad = group["amsgrad"]
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    "Adam does not support sparse gradients, please consider SparseAdam instead"
+                )
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._step_tensor(p)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"]]
+            if amsgrad:
+                tensors.append(state["max_exp_avg_sq"])
+            if torch.is_complex(p):
+                tensors = [torch.view_as_real(t) for t in tensors]
+            params.append(tensors[0])
+            grads.append(tensors[1])
+            exp_avgs.append(tensors[2])
+            exp_avg_sqs.append(tensors[3])
+            if amsgrad:
+                max_exp_avg_sqs.append(tensors[4])
+            state_steps.append(state["step"])
+        return lists
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        amp = self._amp_args()
+        for group in self.param_groups:
+            lists = self._init_group(group)
+            if not lists[0]:
+                continue
+            beta1, beta2 = group["betas"]
+            for device_lists in self._by_device_and_dtype(lists):
+                functional.adam(
+                    *device_lists,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    amsgrad=group["amsgrad"],
+                    maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    backend=group["backend"],
+                    **amp,
+                )
+        return loss
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: torch.optim.AdamW's signature and defaults
+    (weight_decay=1e-2), plus `backend`. See Adam for the update and the arguments."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            backend=backend,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,89 @@
+"""The math of every fusedopt algorithm in plain torch: the specification, the test oracle and the
+fallback backend. One readable function per algorithm; no tricks.
+
+Each function has the contract of its fused op (see csrc/fusedopt.cpp): it updates its tensors in
+place, computes in fp32 (fp64 for fp64 tensors) whatever the storage dtype, and never reads a
+device value back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One Adam (decoupled_weight_decay=False) or AdamW (True) step; torch.optim.Adam's update:
+
+        step += 1
+        g = grad / grad_scale            (grad is overwritten with this unscaled value)
+        g = -g if maximize
+        param *= 1 - lr * weight_decay    (AdamW)   |   g += weight_decay * param   (Adam)
+        exp_avg = lerp(exp_avg, g, 1 - beta1)
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq); use it below instead (amsgrad)
+        param -= lr / (1 - beta1**step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2**step) + eps)
+
+    When found_inf is non-zero nothing changes, not even step or grad.
+    """
+    skip = None if found_inf is None else found_inf.to(torch.bool)
+
+    def store(dst: Tensor, value: Tensor) -> None:
+        value = value.to(dst.dtype)
+        dst.copy_(value if skip is None else torch.where(skip.to(dst.device), dst, value))
+
+    for i, param in enumerate(params):
+        dtype = _compute_dtype(param)
+        step = state_steps[i].to(torch.float64) + 1
+        store(state_steps[i], step)
+
+        grad = grads[i].to(dtype)
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(grad.device, dtype)
+            store(grads[i], grad)
+        if maximize:
+            grad = -grad
+
+        p = param.to(dtype)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p = p * (1 - lr * weight_decay)
+            else:
+                grad = grad + weight_decay * p
+
+        exp_avg = exp_avgs[i].to(dtype).lerp(grad, 1 - beta1)
+        exp_avg_sq = exp_avg_sqs[i].to(dtype) * beta2 + (1 - beta2) * grad * grad
+        store(exp_avgs[i], exp_avg)
+        store(exp_avg_sqs[i], exp_avg_sq)
+        if amsgrad:
+            exp_avg_sq = torch.maximum(max_exp_avg_sqs[i].to(dtype), exp_avg_sq)
+            store(max_exp_avg_sqs[i], exp_avg_sq)
+
+        step = step.to(param.device)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step).sqrt()
+        step_size = (lr / bias_correction1).to(dtype)
+        denom = exp_avg_sq.sqrt() / bias_correction2_sqrt.to(dtype) + eps
+        store(param, p - step_size * exp_avg / denom)
