@@ -1,0 +1,88 @@
+"""The registered ops: schemas, fake kernels and the CPU kernels agree (torch.library.opcheck),
+and the op's own contract (step advance, found_inf skip, grad unscale) holds for each backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cpu_backend_params
+
+import fusedopt
+from fusedopt import functional, reference
+
+needs_ext = pytest.mark.skipif(not fusedopt.backends()["cpp"]["available"],
+                               reason=fusedopt.backends()["cpp"]["reason"])
+
+
+def adam_inputs(amsgrad: bool, sizes=(1, 41, 4097)):
+    generator = torch.Generator().manual_seed(7)
+    lists = [[torch.randn(n, generator=generator) + (1.0 if k == 3 else 0.0)
+              for n in sizes] for k in range(4)]
+    lists[3] = [t.abs() for t in lists[3]]  # exp_avg_sq is non-negative
+    max_exp_avg_sqs = [t.clone() + 0.1 for t in lists[3]] if amsgrad else []
+    steps = [torch.tensor(float(s)) for s in range(len(sizes))]
+    return (*lists, max_exp_avg_sqs, steps)
+
+
+HYPER = dict(beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, maximize=False,
+             decoupled_weight_decay=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("overload", ["default", "tensor_lr"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_opcheck_adam(amsgrad, overload, amp):
+    op = getattr(torch.ops.fusedopt.adam_, overload)
+    lr = torch.tensor(1e-2) if overload == "tensor_lr" else 1e-2
+    extra = {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(0.0)} if amp else {}
+    torch.library.opcheck(op, adam_inputs(amsgrad), dict(lr=lr, amsgrad=amsgrad, **HYPER, **extra))
+
+
+@needs_ext
+def test_opcheck_stream_rmw():
+    outs = [torch.randn(1000) for _ in range(3)]
+    torch.library.opcheck(torch.ops.fusedopt.stream_rmw_.default, (outs, torch.randn(1000)))
+
+
+@needs_ext
+def test_stream_rmw_adds_src_to_every_out():
+    src = torch.randn(70001)
+    outs = [torch.randn(70001) for _ in range(3)]
+    expected = [o + src for o in outs]
+    torch.ops.fusedopt.stream_rmw_(outs, src)
+    for o, e in zip(outs, expected):
+        torch.testing.assert_close(o, e)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_adam_contract_steps_unscale_and_skip(backend, found):
+    """Against the reference on the same inputs: steps advance by one, grads are left unscaled;
+    with found_inf set, nothing at all changes."""
+    ours = adam_inputs(amsgrad=True)
+    ref = tuple([t.clone() for t in lst] for lst in ours)
+    before = tuple([t.clone() for t in lst] for lst in ours)
+    amp = dict(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(found))
+    functional.adam(*ours, lr=1e-2, amsgrad=True, **HYPER, **amp, backend=backend)
+    reference.adam(*ref, lr=1e-2, amsgrad=True, **HYPER, **amp)
+    for got_list, want_list, old_list in zip(ours, ref, before):
+        for got, want, old in zip(got_list, want_list, old_list):
+            torch.testing.assert_close(got, old if found else want, atol=1e-6, rtol=1e-5)
+    if not found:
+        assert [s.item() for s in ours[5]] == [1.0, 2.0, 3.0]
+        torch.testing.assert_close(ours[1][0], before[1][0] / 8.0)
+
+
+@needs_ext
+def test_cpp_op_checks_its_inputs():
+    params, grads, exp_avgs, exp_avg_sqs, _, steps = adam_inputs(amsgrad=False)
+    kwargs = dict(lr=1e-2, amsgrad=False, **HYPER)
+    with pytest.raises(RuntimeError, match="expected 3 grads"):
+        torch.ops.fusedopt.adam_(params, grads[:2], exp_avgs, exp_avg_sqs, [], steps, **kwargs)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.fusedopt.adam_(params, [g.double() for g in grads], exp_avgs, exp_avg_sqs, [],
+                                 steps, **kwargs)
+    with pytest.raises(RuntimeError, match="max_exp_avg_sqs given without amsgrad"):
+        torch.ops.fusedopt.adam_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_sqs, steps,
+                                 **kwargs)
