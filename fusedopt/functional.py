@@ -17,6 +17,18 @@ def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
     return t.to(device, non_blocking=True)
 
 
+def _split_contiguous(lists: tuple[list[Tensor], ...]) -> tuple[list, list]:
+    """Parallel tensor lists split in two: indices whose tensors are all contiguous, and the rest.
+    The last list (state_steps) holds scalars and decides nothing."""
+    tensor_lists = [lst for lst in lists[:-1] if lst]
+    keep = [all(lst[i].is_contiguous() for lst in tensor_lists) for i in range(len(lists[0]))]
+    if all(keep):
+        return list(lists), [[] for _ in lists]
+    pick = [[[t for t, k in zip(lst, keep) if k == wanted] if lst else [] for lst in lists]
+            for wanted in (True, False)]
+    return pick[0], pick[1]
+
+
 def adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -67,6 +79,8 @@ def adam(
     elif name == "triton":
         from fusedopt.kernels import adam as triton_adam
 
-        triton_adam.adam(*args, **kwargs)
+        flat, strided = _split_contiguous(args)
+        triton_adam.adam(*flat, **kwargs)
+        reference.adam(*strided, **kwargs)  # rare: the Triton kernels stream flat arrays
     else:
         reference.adam(*args, **kwargs)
