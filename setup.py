@@ -2,7 +2,7 @@
 
 FUSEDOPT_BUILD_EXT=auto (default): build the extension, warn and go on without it if that fails.
 FUSEDOPT_BUILD_EXT=1: a failed build is fatal (CI).   FUSEDOPT_BUILD_EXT=0: pure-Python install.
-FUSEDOPT_CPU_ARCH=native|avx2|generic: CPU code generation (default: avx2 where the build machine has it).
+FUSEDOPT_CPU_ARCH=auto|avx512|avx2|generic: CPU vector width (auto: the widest the build machine has).
 """
 
 import glob
@@ -22,19 +22,26 @@ PACKAGES = ["fusedopt", "fusedopt.optim", "fusedopt.nn", "fusedopt.kernels"]
 PACKAGE_DIR = {"fusedopt.kernels": "kernels"}
 
 
+AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+          "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+AVX2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
 def cpu_flags() -> list[str]:
-    """Without -DCPU_CAPABILITY_AVX2, at::vec::Vectorized silently falls back to scalar loops."""
-    arch = os.environ.get("FUSEDOPT_CPU_ARCH", "avx2")
-    if arch == "native":
-        return ["-march=native", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if arch == "avx2":
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = set(re.findall(r"\w+", f.read()))
-        except OSError:
-            flags = set()
-        if {"avx2", "fma", "f16c"} <= flags:
-            return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    """The widest at::vec::Vectorized the build machine runs (the extension is built where it is
+    used). Without a CPU_CAPABILITY_* define, Vectorized silently falls back to scalar loops."""
+    arch = os.environ.get("FUSEDOPT_CPU_ARCH", "auto")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(re.findall(r"\w+", f.read()))
+    except OSError:
+        flags = set()
+    has_avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags
+    has_avx2 = {"avx2", "fma", "f16c"} <= flags
+    if arch == "avx512" or (arch == "auto" and has_avx512):
+        return AVX512
+    if arch == "avx2" or (arch == "auto" and has_avx2):
+        return AVX2
     return []
 
 

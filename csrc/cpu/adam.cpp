@@ -38,29 +38,25 @@ struct AdamPointers {
   scalar_t* max_exp_avg_sq;  // nullptr unless amsgrad
 };
 
-template <typename scalar_t>
+template <typename scalar_t, bool kAmsgrad>
 void adam_range(const AdamPointers<scalar_t>& ptr, int64_t begin, int64_t end, const AdamHyper& h,
                 const AdamStepScalars& s) {
-  const Vec beta1(h.beta1), one_minus_beta1(1.f - h.beta1), beta2(h.beta2),
-      one_minus_beta2(1.f - h.beta2), weight_decay(h.weight_decay), eps(h.eps),
-      step_size(s.step_size), inv_bc2_sqrt(s.inv_bias_correction2_sqrt),
-      inv_grad_scale(h.inv_grad_scale), decay(1.f - h.lr * h.weight_decay);
-  const bool has_weight_decay = h.weight_decay != 0.f;
+  // Options become neutral constants instead of branches: maximize is a sign, Adam's coupled
+  // weight decay a zero for AdamW, AdamW's decay factor a one for Adam.
+  const bool decoupled = h.decoupled_weight_decay;
+  const Vec one_minus_beta1(1.f - h.beta1), beta2(h.beta2), one_minus_beta2(1.f - h.beta2),
+      eps(h.eps), step_size(s.step_size), inv_bc2_sqrt(s.inv_bias_correction2_sqrt),
+      inv_grad_scale(h.inv_grad_scale), sign(h.maximize ? -1.f : 1.f),
+      coupled_weight_decay(decoupled ? 0.f : h.weight_decay),
+      decay(decoupled ? 1.f - h.lr * h.weight_decay : 1.f);
 
-  // One pass: every stream is loaded once and stored once; the update runs in fp32 registers.
-  auto update = [&](Vec& p, Vec& g, Vec& m, Vec& v, Vec& v_max) {
-    if (h.maximize) g = Vec(0.f) - g;
-    if (has_weight_decay) {
-      if (h.decoupled_weight_decay) {
-        p = p * decay;
-      } else {
-        g = at::vec::fmadd(weight_decay, p, g);
-      }
-    }
+  auto update = [&](Vec& p, Vec g, Vec& m, Vec& v, Vec& v_max) {
+    g = at::vec::fmadd(coupled_weight_decay, p, g * sign);
+    p = p * decay;
     m = at::vec::fmadd(one_minus_beta1, g - m, m);  // lerp(m, g, 1 - beta1)
     v = at::vec::fmadd(one_minus_beta2, g * g, beta2 * v);
     Vec v_used = v;
-    if (h.amsgrad) {
+    if constexpr (kAmsgrad) {
       v_max = at::vec::maximum(v_max, v);
       v_used = v_max;
     }
@@ -68,14 +64,14 @@ void adam_range(const AdamPointers<scalar_t>& ptr, int64_t begin, int64_t end, c
     p = p - step_size * m / denom;
   };
 
-  for (int64_t i = begin; i < end; i += kVecStep) {
-    const int64_t n = std::min(kVecStep, end - i);
+  // One pass: every stream is loaded once and stored once; the update runs in fp32 registers.
+  auto step_at = [&](int64_t i, int64_t n) {
     Vec p0, p1, g0, g1, m0, m1, v0, v1, x0(0.f), x1(0.f);
     load_float(ptr.param + i, n, p0, p1);
     load_float(ptr.grad + i, n, g0, g1);
     load_float(ptr.exp_avg + i, n, m0, m1);
     load_float(ptr.exp_avg_sq + i, n, v0, v1);
-    if (h.amsgrad) load_float(ptr.max_exp_avg_sq + i, n, x0, x1);
+    if constexpr (kAmsgrad) load_float(ptr.max_exp_avg_sq + i, n, x0, x1);
     if (h.unscale) {
       g0 = g0 * inv_grad_scale;
       g1 = g1 * inv_grad_scale;
@@ -86,8 +82,18 @@ void adam_range(const AdamPointers<scalar_t>& ptr, int64_t begin, int64_t end, c
     store_float(ptr.param + i, n, p0, p1);
     store_float(ptr.exp_avg + i, n, m0, m1);
     store_float(ptr.exp_avg_sq + i, n, v0, v1);
-    if (h.amsgrad) store_float(ptr.max_exp_avg_sq + i, n, x0, x1);
+    if constexpr (kAmsgrad) store_float(ptr.max_exp_avg_sq + i, n, x0, x1);
+  };
+  int64_t i = begin;
+  for (; i + kVecStep <= end; i += kVecStep) {
+    prefetch_ahead<true>(ptr.param, i);
+    prefetch_ahead<false>(ptr.grad, i);
+    prefetch_ahead<true>(ptr.exp_avg, i);
+    prefetch_ahead<true>(ptr.exp_avg_sq, i);
+    if constexpr (kAmsgrad) prefetch_ahead<true>(ptr.max_exp_avg_sq, i);
+    step_at(i, kVecStep);
   }
+  if (i < end) step_at(i, end - i);
 }
 
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -148,7 +154,11 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
                      amsgrad ? flat[4][i].data_ptr<scalar_t>() : nullptr};
     }
     parallel_for_chunks(numels, [&](const Chunk& c) {
-      adam_range(pointers[c.tensor], c.begin, c.end, h, scalars[c.tensor]);
+      if (amsgrad) {
+        adam_range<scalar_t, true>(pointers[c.tensor], c.begin, c.end, h, scalars[c.tensor]);
+      } else {
+        adam_range<scalar_t, false>(pointers[c.tensor], c.begin, c.end, h, scalars[c.tensor]);
+      }
     });
   });
   flat.write_back();

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
@@ -58,6 +59,22 @@ void parallel_for_chunks(const std::vector<int64_t>& numels, const Fn& fn) {
   at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) fn(chunks[c]);
   });
+}
+
+// Software prefetch distance. The hardware prefetchers alone keep too few cache-line misses in
+// flight while the optimizers' long-latency sqrt and divide fill the reorder buffer; prefetching
+// 512 elements ahead took the 25M-param AdamW step from ~16.2 to ~14.6 ms here (2 cores).
+constexpr int64_t kPrefetchElements = 512;
+
+// Prefetches the cache lines that the vector step kPrefetchElements after element i will touch.
+template <bool kWrite, typename scalar_t>
+inline void prefetch_ahead(const scalar_t* base, int64_t i) {
+  // Integer arithmetic: the address may lie past the tensor's end (prefetches never fault).
+  const auto ahead = reinterpret_cast<const char*>(
+      reinterpret_cast<uintptr_t>(base) + (i + kPrefetchElements) * sizeof(scalar_t));
+  for (int64_t byte = 0; byte < kVecStep * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) {
+    __builtin_prefetch(ahead + byte, kWrite ? 1 : 0);
+  }
 }
 
 // Loads kVecStep (or `count` < kVecStep, zero-padded) elements as two fp32 vectors, and back.

@@ -23,6 +23,8 @@ void stream_rmw_cpu(at::TensorList outs, const at::Tensor& src) {
   parallel_for_chunks({src.numel()}, [&](const Chunk& c) {
     for (int64_t i = c.begin; i < c.end; i += kVecStep) {
       const int64_t n = std::min(kVecStep, c.end - i);
+      prefetch_ahead<false>(in, i);  // as the optimizer kernels do
+      for (float* d : dst) prefetch_ahead<true>(d, i);
       Vec s0, s1, o0, o1;
       load_float(in + i, n, s0, s1);
       for (float* d : dst) {
