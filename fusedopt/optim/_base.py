@@ -1,6 +1,5 @@
 """What every fusedopt optimizer shares with its torch.optim twin and adds to it: the `backend`
-keyword, GradScaler support inside the step, `step` tensors on the params' device, and one kernel
-call per (device, dtype) group of tensors."""
+keyword, GradScaler support inside the step, and `step` tensors on the params' device."""
 
 from __future__ import annotations
 
@@ -49,12 +48,6 @@ class FusedOptimizer(Optimizer):
             if value.dtype == torch.float32:
                 return value
         return torch.as_tensor(value, dtype=torch.float32).to(param.device).reshape(())
-
-    @staticmethod
-    def _by_device_and_dtype(lists: list[list[Tensor]]) -> list[list[list[Tensor]]]:
-        """Splits parallel tensor lists into one set per (device, dtype) of the first list."""
-        grouped = Optimizer._group_tensors_by_device_and_dtype(lists)
-        return [device_lists for device_lists, _ in grouped.values()]
 
     def _amp_args(self) -> dict[str, Tensor | None]:
         return {"grad_scale": getattr(self, "grad_scale", None),

@@ -90,12 +90,12 @@ class Adam(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any]) -> list[list[Tensor]]:
-        """The group's params that have grads, with their state (created on first use), as
-        parallel lists; complex tensors viewed as real pairs, as torch does."""
-        lists: list[list[Tensor]] = [[], [], [], [], [], []]
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
+    def _init_group(self, group: dict[str, Any]) -> list[list[list[Tensor]]]:
+        """The group's params that have grads, with their state (created on first use), as sets
+        of parallel lists [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],
+        one set per (device, dtype); complex tensors viewed as real pairs, as torch does."""
         amsgrad = group["amsgrad"]
+        by_device_and_dtype: dict[tuple, list[list[Tensor]]] = {}
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -116,16 +116,15 @@ class Adam(FusedOptimizer):
             tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"]]
             if amsgrad:
                 tensors.append(state["max_exp_avg_sq"])
-            if torch.is_complex(p):
+            if p.is_complex():
                 tensors = [torch.view_as_real(t) for t in tensors]
-            params.append(tensors[0])
-            grads.append(tensors[1])
-            exp_avgs.append(tensors[2])
-            exp_avg_sqs.append(tensors[3])
-            if amsgrad:
-                max_exp_avg_sqs.append(tensors[4])
-            state_steps.append(state["step"])
-        return lists
+            lists = by_device_and_dtype.get((p.device, tensors[0].dtype))
+            if lists is None:
+                lists = by_device_and_dtype[(p.device, tensors[0].dtype)] = [[] for _ in range(6)]
+            for lst, t in zip(lists, tensors):
+                lst.append(t)
+            lists[5].append(state["step"])
+        return list(by_device_and_dtype.values())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -136,11 +135,8 @@ class Adam(FusedOptimizer):
                 loss = closure()
         amp = self._amp_args()
         for group in self.param_groups:
-            lists = self._init_group(group)
-            if not lists[0]:
-                continue
             beta1, beta2 = group["betas"]
-            for device_lists in self._by_device_and_dtype(lists):
+            for device_lists in self._init_group(group):
                 functional.adam(
                     *device_lists,
                     lr=group["lr"],
