@@ -49,8 +49,17 @@ test: build
 	$(PY) -m pytest tests -q -m "not interpret"
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m interpret
 
+# Peers measured by the benchmark when they install (DeepSpeed's CPU Adam); best effort, and never
+# with PYTHON= (that interpreter may have no network).
+$(VENV)/.bench-peers: $(VENV)/.setup-done
+	$(VENV)/bin/pip install --quiet deepspeed || echo "deepspeed did not install: not benchmarked"
+	touch $@
+build/.bench-peers-external:
+	mkdir -p build && touch $@
+BENCH_STAMP := $(if $(PYTHON),build/.bench-peers-external,$(VENV)/.bench-peers)
+
 # The main job; for now the optimizer benchmark (results land in bench/results/).
-demo: build
+demo: build $(BENCH_STAMP)
 	$(PY) bench/bench_optim.py
 
 bench: demo

@@ -383,6 +383,52 @@ def _check_inputs(
         _check_scalar_tensor("found_inf", found_inf, device)
 
 
+# Device copies of the address tables, keyed by everything they encode (addresses, sizes), so a
+# training loop builds and uploads them once, and a CUDA graph captures no host-to-device copy.
+_TABLE_CACHE: dict[tuple, tuple[Tensor, Tensor, bool]] = {}
+_TABLE_CACHE_SIZE = 16
+
+
+def _multi_tensor_tables(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad
+) -> tuple[Tensor, Tensor, bool] | None:
+    """(tensor table: 7 int64 per tensor = 5 data addresses, step address, numel;
+    block table: (tensor index, chunk start) per program; all addresses 16-byte aligned)."""
+    tensor_rows: list[int] = []
+    for i, param in enumerate(params):
+        numel = param.numel()
+        if numel == 0:
+            continue
+        data = [param, grads[i], exp_avgs[i], exp_avg_sqs[i]]
+        if amsgrad:
+            data.append(max_exp_avg_sqs[i])
+        addresses = [t.data_ptr() for t in data]
+        if not amsgrad:
+            addresses.append(0)
+        tensor_rows += [*addresses, state_steps[i].data_ptr(), numel]
+    if not tensor_rows:
+        return None
+    key = (params[0].device, tuple(tensor_rows))
+    cached = _TABLE_CACHE.get(key)
+    if cached is not None:
+        return cached
+    block_rows: list[int] = []
+    aligned = True
+    for index in range(len(tensor_rows) // 7):
+        row = tensor_rows[7 * index : 7 * index + 7]
+        aligned = aligned and all(address % 16 == 0 for address in row[:5])
+        for start in range(0, row[6], _CHUNK_SIZE):
+            block_rows += [index, start]
+    pinned = params[0].device.type == "cuda"
+    host = torch.tensor(tensor_rows + block_rows, dtype=torch.int64, pin_memory=pinned)
+    tables = host.to(params[0].device, non_blocking=True)
+    entry = (tables[: len(tensor_rows)], tables[len(tensor_rows) :], aligned)
+    if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+    _TABLE_CACHE[key] = entry
+    return entry
+
+
 def adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -453,32 +499,14 @@ def adam(
     )
 
     if multi_tensor:
-        tensor_rows: list[int] = []
-        block_rows: list[int] = []
-        aligned = True
-        for i, param in enumerate(params):
-            numel = param.numel()
-            if numel == 0:
-                continue
-            data = [param, grads[i], exp_avgs[i], exp_avg_sqs[i]]
-            if amsgrad:
-                data.append(max_exp_avg_sqs[i])
-            addresses = [t.data_ptr() for t in data]
-            aligned = aligned and all(address % 16 == 0 for address in addresses)
-            if not amsgrad:
-                addresses.append(0)
-            tensor_index = len(tensor_rows) // 7
-            tensor_rows += [*addresses, state_steps[i].data_ptr(), numel]
-            for start in range(0, numel, _CHUNK_SIZE):
-                block_rows += [tensor_index, start]
-        if block_rows:
-            pinned = device.type == "cuda"
-            tables = torch.tensor(tensor_rows + block_rows, dtype=torch.int64, pin_memory=pinned)
-            tables = tables.to(device, non_blocking=True)
-            num_programs = len(block_rows) // 2
-            _adam_multi_tensor_kernel[(num_programs,)](
-                tables[: len(tensor_rows)],
-                tables[len(tensor_rows) :],
+        tables = _multi_tensor_tables(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad
+        )
+        if tables is not None:
+            tensor_table, block_table, aligned = tables
+            _adam_multi_tensor_kernel[(block_table.shape[0] // 2,)](
+                tensor_table,
+                block_table,
                 **scalars,
                 DTYPE=_TRITON_DTYPES[dtype],
                 ALIGNED_16=aligned,
