@@ -20,6 +20,26 @@ TORCH_LIBRARY(fusedopt, m) {
       "Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  // One Lion step over many tensors (math: fusedopt/reference.py::lion). Lion keeps no step count.
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, *, float lr, "
+      "float beta1, float beta2, float weight_decay, bool maximize, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "lion_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, *, "
+      "Tensor lr, float beta1, float beta2, float weight_decay, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // One SGD step over many tensors, in the style of aten::_fused_sgd_ (math:
+  // fusedopt/reference.py::sgd). momentum_buffers is empty when momentum is 0; on is_first_step
+  // the buffers are written (set to the grad) and never read.
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "sgd_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, "
+      "Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Memory-bandwidth probe with an optimizer's access pattern: out[k] += src for every k,
   // split over threads exactly like the optimizer kernels. With three outs it moves 28 B/element,
   // the bytes of an fp32 AdamW step, so the two are directly comparable.

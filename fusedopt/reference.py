@@ -87,3 +87,101 @@ def adam(
         step_size = (lr / bias_correction1).to(dtype)
         denom = exp_avg_sq.sqrt() / bias_correction2_sqrt.to(dtype) + eps
         store(param, p - step_size * exp_avg / denom)
+
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One Lion step (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
+
+        g = grad / grad_scale            (grad is overwritten with this unscaled value)
+        g = -g if maximize
+        param *= 1 - lr * weight_decay
+        param -= lr * sign(beta1 * exp_avg + (1 - beta1) * g)      (sign(0) = 0)
+        exp_avg = beta2 * exp_avg + (1 - beta2) * g
+
+    When found_inf is non-zero nothing changes, not even grad.
+    """
+    skip = None if found_inf is None else found_inf.to(torch.bool)
+
+    def store(dst: Tensor, value: Tensor) -> None:
+        value = value.to(dst.dtype)
+        dst.copy_(value if skip is None else torch.where(skip.to(dst.device), dst, value))
+
+    for i, param in enumerate(params):
+        dtype = _compute_dtype(param)
+        grad = grads[i].to(dtype)
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(grad.device, dtype)
+            store(grads[i], grad)
+        if maximize:
+            grad = -grad
+        exp_avg = exp_avgs[i].to(dtype)
+        update = (beta1 * exp_avg + (1 - beta1) * grad).sign()
+        p = param.to(dtype) * (1 - lr * weight_decay)
+        store(param, p - lr * update)
+        store(exp_avgs[i], beta2 * exp_avg + (1 - beta2) * grad)
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One SGD step, torch.optim.SGD's update:
+
+        g = grad / grad_scale            (grad is overwritten with this unscaled value)
+        g = -g if maximize
+        g += weight_decay * param
+        if momentum != 0:
+            buf = g  if is_first_step  else  momentum * buf + (1 - dampening) * g
+            g = g + momentum * buf  if nesterov  else  buf
+        param -= lr * g
+
+    momentum_buffers is empty when momentum == 0. When found_inf is non-zero nothing changes.
+    """
+    skip = None if found_inf is None else found_inf.to(torch.bool)
+
+    def store(dst: Tensor, value: Tensor) -> None:
+        value = value.to(dst.dtype)
+        dst.copy_(value if skip is None else torch.where(skip.to(dst.device), dst, value))
+
+    for i, param in enumerate(params):
+        dtype = _compute_dtype(param)
+        grad = grads[i].to(dtype)
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(grad.device, dtype)
+            store(grads[i], grad)
+        if maximize:
+            grad = -grad
+        p = param.to(dtype)
+        if weight_decay != 0:
+            grad = grad + weight_decay * p
+        if momentum != 0:
+            if is_first_step:
+                buf = grad
+            else:
+                buf = momentum * momentum_buffers[i].to(dtype) + (1 - dampening) * grad
+            store(momentum_buffers[i], buf)
+            grad = grad + momentum * buf if nesterov else buf
+        store(param, p - lr * grad)
