@@ -26,7 +26,7 @@ $(VENV)/.setup-done:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install --quiet "$(TRITON_SPEC)" ninja setuptools wheel pytest numpy expecttest
+	$(VENV)/bin/pip install --quiet "$(TRITON_SPEC)" ninja setuptools wheel pytest numpy expecttest lion-pytorch
 	touch $@
 
 # An interpreter that brings its own torch: use what it has, install nothing (there may be no network).

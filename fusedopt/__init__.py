@@ -6,7 +6,7 @@ errors. Importing never fails: fusedopt.backends() says which kernels are usable
 
 from fusedopt import functional, reference
 from fusedopt._backends import backends
-from fusedopt.optim import Adam, AdamW
+from fusedopt.optim import SGD, Adam, AdamW, Lion
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "backends", "functional", "reference"]
+__all__ = ["Adam", "AdamW", "Lion", "SGD", "backends", "functional", "reference"]

@@ -32,6 +32,22 @@ if LOADED:
     ):
         return None
 
+    @torch.library.register_fake("fusedopt::lion_")
+    def _lion_fake(params, grads, exp_avgs, **kwargs):
+        return None
+
+    @torch.library.register_fake("fusedopt::lion_.tensor_lr")
+    def _lion_tensor_lr_fake(params, grads, exp_avgs, **kwargs):
+        return None
+
+    @torch.library.register_fake("fusedopt::sgd_")
+    def _sgd_fake(params, grads, momentum_buffers, **kwargs):
+        return None
+
+    @torch.library.register_fake("fusedopt::sgd_.tensor_lr")
+    def _sgd_tensor_lr_fake(params, grads, momentum_buffers, **kwargs):
+        return None
+
     @torch.library.register_fake("fusedopt::stream_rmw_")
     def _stream_rmw_fake(outs, src):
         return None

@@ -4,6 +4,8 @@ the kernel. The math of each function is the same-named function in fusedopt.ref
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -18,15 +20,39 @@ def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
 
 
 def _split_contiguous(lists: tuple[list[Tensor], ...]) -> tuple[list, list]:
-    """Parallel tensor lists split in two: indices whose tensors are all contiguous, and the rest.
-    The last list (state_steps) holds scalars and decides nothing."""
-    tensor_lists = [lst for lst in lists[:-1] if lst]
+    """Parallel tensor lists split in two: indices whose tensors are all contiguous, and the rest."""
+    tensor_lists = [lst for lst in lists if lst]
     keep = [all(lst[i].is_contiguous() for lst in tensor_lists) for i in range(len(lists[0]))]
     if all(keep):
         return list(lists), [[] for _ in lists]
     pick = [[[t for t, k in zip(lst, keep) if k == wanted] if lst else [] for lst in lists]
             for wanted in (True, False)]
     return pick[0], pick[1]
+
+
+def _step(algorithm: str, lists: tuple[list[Tensor], ...], backend: str, **kwargs) -> None:
+    """Runs one step of `algorithm` (the name of its op, reference and Triton module) on the
+    backend that `backend` resolves to for these tensors."""
+    if not lists[0]:
+        return
+    device = lists[0][0].device
+    name = _backends.resolve(backend, device)
+    lr = kwargs["lr"]
+    tensor_lr = isinstance(lr, Tensor)
+    if tensor_lr and name != "reference":
+        kwargs["lr"] = _on(device, lr.to(torch.float32) if lr.dtype != torch.float32 else lr)
+    kwargs["grad_scale"] = _on(device, kwargs.get("grad_scale"))
+    kwargs["found_inf"] = _on(device, kwargs.get("found_inf"))
+    if name in ("cpp", "cuda"):
+        op = getattr(torch.ops.fusedopt, f"{algorithm}_")
+        (op.tensor_lr if tensor_lr else op.default)(*lists, **kwargs)
+    elif name == "triton":
+        kernel = getattr(importlib.import_module(f"fusedopt.kernels.{algorithm}"), algorithm)
+        flat, strided = _split_contiguous(lists)
+        kernel(*flat, **kwargs)
+        getattr(reference, algorithm)(*strided, **kwargs)  # rare: Triton streams flat arrays
+    else:
+        getattr(reference, algorithm)(*lists, **kwargs)
 
 
 def adam(
@@ -53,34 +79,55 @@ def adam(
 
     Advances every state_steps[i] by one; with grad_scale, leaves the grads unscaled; with a
     non-zero found_inf, changes nothing."""
-    if not params:
-        return
-    device = params[0].device
-    name = _backends.resolve(backend, device)
-    tensor_lr = isinstance(lr, Tensor)
-    if tensor_lr and name != "reference":
-        lr = _on(device, lr.to(torch.float32) if lr.dtype != torch.float32 else lr)
-    args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps)
-    kwargs = dict(
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        eps=eps,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay,
-        grad_scale=_on(device, grad_scale),
-        found_inf=_on(device, found_inf),
-    )
-    if name in ("cpp", "cuda"):
-        op = torch.ops.fusedopt.adam_
-        (op.tensor_lr if tensor_lr else op.default)(*args, **kwargs)
-    elif name == "triton":
-        from fusedopt.kernels import adam as triton_adam
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+             state_steps)
+    _step("adam", lists, backend, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+          eps=eps, amsgrad=amsgrad, maximize=maximize,
+          decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale,
+          found_inf=found_inf)
 
-        flat, strided = _split_contiguous(args)
-        triton_adam.adam(*flat, **kwargs)
-        reference.adam(*strided, **kwargs)  # rare: the Triton kernels stream flat arrays
-    else:
-        reference.adam(*args, **kwargs)
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One Lion step, in place; see reference.lion. With grad_scale, leaves the grads unscaled;
+    with a non-zero found_inf, changes nothing."""
+    _step("lion", (params, grads, exp_avgs), backend, lr=lr, beta1=beta1, beta2=beta2,
+          weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+          found_inf=found_inf)
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One SGD step, in place; see reference.sgd. momentum_buffers is empty when momentum is 0;
+    on is_first_step the buffers are set to the grads. With grad_scale, leaves the grads
+    unscaled; with a non-zero found_inf, changes nothing."""
+    _step("sgd", (params, grads, momentum_buffers if momentum != 0 else []), backend, lr=lr,
+          momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+          maximize=maximize, is_first_step=is_first_step, grad_scale=grad_scale,
+          found_inf=found_inf)

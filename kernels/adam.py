@@ -6,7 +6,8 @@ One elementwise block update (_adam_update_block) is shared by two kernels:
   the interpreter (TRITON_INTERPRET=1) on CPU tensors included.
 * _adam_multi_tensor_kernel: one launch for a whole list of tensors. Each program takes one chunk
   of one tensor; it finds the tensor's data through an int64 table of addresses and the chunk
-  through a per-program (tensor index, chunk start) table, both in one device tensor.
+  through a per-program (tensor index, chunk start) table, both in one device tensor (built and
+  cached by fusedopt.kernels.multi_tensor, which also holds the helpers all kernels share).
 
 Everything is computed in fp32 registers whatever the storage dtype; the bias corrections are
 computed per tensor from that tensor's own step, in fp64 scalars. Device values (step, lr tensor,
@@ -22,6 +23,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .multi_tensor import (
+    BLOCK_SIZES,
+    CHUNK_SIZE,
+    TRITON_DTYPES,
+    check_amp_scalars,
+    check_lengths,
+    check_tensor_lists,
+    keep_mask,
+    load_lr,
+    program_chunk,
+    table_pointer,
+    tables,
+)
+
 
 @triton.jit
 def _adam_step_scalars(
@@ -34,10 +49,7 @@ def _adam_step_scalars(
 ):
     """Per-tensor scalars: step size, sqrt of the second bias correction, decoupled decay factor."""
     step = tl.load(step_ptr).to(tl.float64) + 1.0
-    if LR_IS_TENSOR:
-        lr_value = tl.load(lr).to(tl.float64)
-    else:
-        lr_value = tl.cast(lr, tl.float64)
+    lr_value = load_lr(lr, LR_IS_TENSOR)
     # beta ** step as exp2(step * log2(beta)); log2(beta) comes from the host in double precision,
     # so 1 - beta ** step keeps its relative accuracy even when beta is close to 1.
     bias_correction1 = 1.0 - tl.exp2(step * tl.cast(log2_beta1, tl.float64))
@@ -153,8 +165,7 @@ def _adam_tensor_kernel(
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < numel
     if HAS_FOUND_INF:
-        # Compared after the broadcast: the interpreter mistypes a broadcast scalar comparison.
-        mask = mask & (tl.broadcast_to(tl.load(found_inf_ptr), [BLOCK_SIZE]) == 0)
+        mask = mask & keep_mask(found_inf_ptr, BLOCK_SIZE)
 
     step_size, bias_correction2_sqrt, param_decay = _adam_step_scalars(
         step_ptr, lr, log2_beta1, log2_beta2, weight_decay, LR_IS_TENSOR
@@ -181,20 +192,6 @@ def _adam_tensor_kernel(
         DECOUPLED_WEIGHT_DECAY,
         HAS_GRAD_SCALE,
     )
-
-
-@triton.jit
-def _table_pointer(
-    address_ptr,
-    DTYPE: tl.constexpr,
-    ALIGNED_16: tl.constexpr,
-):
-    """Loads an int64 data address from a table and makes it a pointer to DTYPE."""
-    pointer = tl.load(address_ptr).to(tl.pointer_type(DTYPE))
-    if ALIGNED_16:
-        # On the pointer itself: the hint does not carry through the int -> pointer cast.
-        pointer = tl.multiple_of(pointer, 16)
-    return pointer
 
 
 @triton.jit
@@ -229,24 +226,22 @@ def _adam_multi_tensor_kernel(
     block_table_ptr: int64 rows of 2 per program: tensor index, chunk start (an element offset).
     """
     pid = tl.program_id(0).to(tl.int64)
-    tensor_index = tl.load(block_table_ptr + 2 * pid)
-    chunk_start = tl.multiple_of(tl.load(block_table_ptr + 2 * pid + 1), BLOCK_SIZE)
-    row = tensor_table_ptr + 7 * tensor_index
-    param_ptr = _table_pointer(row + 0, DTYPE, ALIGNED_16)
-    grad_ptr = _table_pointer(row + 1, DTYPE, ALIGNED_16)
-    exp_avg_ptr = _table_pointer(row + 2, DTYPE, ALIGNED_16)
-    exp_avg_sq_ptr = _table_pointer(row + 3, DTYPE, ALIGNED_16)
+    row, chunk_start, chunk_end = program_chunk(
+        tensor_table_ptr, block_table_ptr, pid, 7, BLOCK_SIZE, CHUNK_SIZE
+    )
+    param_ptr = table_pointer(row + 0, DTYPE, ALIGNED_16)
+    grad_ptr = table_pointer(row + 1, DTYPE, ALIGNED_16)
+    exp_avg_ptr = table_pointer(row + 2, DTYPE, ALIGNED_16)
+    exp_avg_sq_ptr = table_pointer(row + 3, DTYPE, ALIGNED_16)
     max_exp_avg_sq_ptr = exp_avg_sq_ptr
     if AMSGRAD:
-        max_exp_avg_sq_ptr = _table_pointer(row + 4, DTYPE, ALIGNED_16)
-    step_ptr = _table_pointer(row + 5, tl.float32, False)
-    numel = tl.load(row + 6)
-    chunk_end = tl.minimum(chunk_start + CHUNK_SIZE, numel)
+        max_exp_avg_sq_ptr = table_pointer(row + 4, DTYPE, ALIGNED_16)
+    step_ptr = table_pointer(row + 5, tl.float32, False)
 
     # Whole blocks need no bounds mask (so their loads vectorize); only the chunk's tail does.
     full_mask = None
     if HAS_FOUND_INF:
-        full_mask = tl.broadcast_to(tl.load(found_inf_ptr), [BLOCK_SIZE]) == 0
+        full_mask = keep_mask(found_inf_ptr, BLOCK_SIZE)
 
     step_size, bias_correction2_sqrt, param_decay = _adam_step_scalars(
         step_ptr, lr, log2_beta1, log2_beta2, weight_decay, LR_IS_TENSOR
@@ -306,20 +301,6 @@ def _adam_multi_tensor_kernel(
         )
 
 
-# Elements per block (one program of the per-tensor kernel, one loop step of the multi-tensor one)
-# by storage dtype, and elements per program of the multi-tensor kernel (a multiple of each).
-_BLOCK_SIZES = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}
-_CHUNK_SIZE = 65536
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _check_scalar_tensor(name: str, t: Tensor, device: torch.device) -> None:
-    if not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point():
-        raise ValueError(f"adam: {name} must be a 1-element floating-point tensor")
-    if t.device != device:
-        raise ValueError(f"adam: {name} is on {t.device} but the params are on {device}")
-
-
 def _check_inputs(
     params: list[Tensor],
     grads: list[Tensor],
@@ -338,95 +319,20 @@ def _check_inputs(
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         lists["max_exp_avg_sqs"] = max_exp_avg_sqs
-    for name, tensors in {**lists, "state_steps": state_steps}.items():
-        if len(tensors) != n:
-            raise ValueError(f"adam: {len(tensors)} {name} for {n} params")
+    check_lengths("adam", n, {**lists, "state_steps": state_steps})
     if not 0.0 <= beta1 <= 1.0 or not 0.0 <= beta2 <= 1.0:
         raise ValueError(f"adam: betas must be in [0, 1], got ({beta1}, {beta2})")
     if n == 0:
         return
-    dtype, device = params[0].dtype, params[0].device
-    if dtype not in _BLOCK_SIZES:
-        raise TypeError(f"adam: params of dtype {dtype} are not supported (fp32, fp16, bf16)")
-    for i, param in enumerate(params):
-        if param.dtype != dtype or param.device != device:
-            raise ValueError(
-                f"adam: params[{i}] is {param.dtype} on {param.device}, params[0] is {dtype} on "
-                f"{device}; all tensors of one call must share one dtype and device"
-            )
-        if not param.is_contiguous():
-            raise ValueError(f"adam: params[{i}] is not contiguous")
-        for name, tensors in lists.items():
-            t = tensors[i]
-            if t.dtype != dtype or t.device != device:
-                raise ValueError(
-                    f"adam: {name}[{i}] is {t.dtype} on {t.device}, params are {dtype} on {device}"
-                )
-            if t.shape != param.shape:
-                raise ValueError(
-                    f"adam: {name}[{i}] has shape {tuple(t.shape)}, params[{i}] has shape "
-                    f"{tuple(param.shape)}"
-                )
-            if not t.is_contiguous():
-                raise ValueError(f"adam: {name}[{i}] is not contiguous")
-        step = state_steps[i]
+    check_tensor_lists("adam", params, lists)
+    device = params[0].device
+    for i, step in enumerate(state_steps):
         if step.dtype != torch.float32 or step.numel() != 1 or step.device != device:
             raise ValueError(
                 f"adam: state_steps[{i}] must be a 1-element float32 tensor on {device}, got "
                 f"{step.dtype} with {step.numel()} elements on {step.device}"
             )
-    if isinstance(lr, Tensor):
-        _check_scalar_tensor("lr", lr, device)
-    if grad_scale is not None:
-        _check_scalar_tensor("grad_scale", grad_scale, device)
-    if found_inf is not None:
-        _check_scalar_tensor("found_inf", found_inf, device)
-
-
-# Device copies of the address tables, keyed by everything they encode (addresses, sizes), so a
-# training loop builds and uploads them once, and a CUDA graph captures no host-to-device copy.
-_TABLE_CACHE: dict[tuple, tuple[Tensor, Tensor, bool]] = {}
-_TABLE_CACHE_SIZE = 16
-
-
-def _multi_tensor_tables(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad
-) -> tuple[Tensor, Tensor, bool] | None:
-    """(tensor table: 7 int64 per tensor = 5 data addresses, step address, numel;
-    block table: (tensor index, chunk start) per program; all addresses 16-byte aligned)."""
-    tensor_rows: list[int] = []
-    for i, param in enumerate(params):
-        numel = param.numel()
-        if numel == 0:
-            continue
-        data = [param, grads[i], exp_avgs[i], exp_avg_sqs[i]]
-        if amsgrad:
-            data.append(max_exp_avg_sqs[i])
-        addresses = [t.data_ptr() for t in data]
-        if not amsgrad:
-            addresses.append(0)
-        tensor_rows += [*addresses, state_steps[i].data_ptr(), numel]
-    if not tensor_rows:
-        return None
-    key = (params[0].device, tuple(tensor_rows))
-    cached = _TABLE_CACHE.get(key)
-    if cached is not None:
-        return cached
-    block_rows: list[int] = []
-    aligned = True
-    for index in range(len(tensor_rows) // 7):
-        row = tensor_rows[7 * index : 7 * index + 7]
-        aligned = aligned and all(address % 16 == 0 for address in row[:5])
-        for start in range(0, row[6], _CHUNK_SIZE):
-            block_rows += [index, start]
-    pinned = params[0].device.type == "cuda"
-    host = torch.tensor(tensor_rows + block_rows, dtype=torch.int64, pin_memory=pinned)
-    tables = host.to(params[0].device, non_blocking=True)
-    entry = (tables[: len(tensor_rows)], tables[len(tensor_rows) :], aligned)
-    if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-    _TABLE_CACHE[key] = entry
-    return entry
+    check_amp_scalars("adam", params, lr, grad_scale, found_inf)
 
 
 def adam(
@@ -472,7 +378,7 @@ def adam(
         return
     device = params[0].device
     dtype = params[0].dtype
-    block_size = _BLOCK_SIZES[dtype]
+    block_size = BLOCK_SIZES[dtype]
     if multi_tensor is None:
         multi_tensor = device.type == "cuda"
     lr_is_tensor = isinstance(lr, Tensor)
@@ -499,18 +405,18 @@ def adam(
     )
 
     if multi_tensor:
-        tables = _multi_tensor_tables(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad
+        table = tables(
+            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None],
+            extra_per_tensor=[state_steps],
         )
-        if tables is not None:
-            tensor_table, block_table, aligned = tables
-            _adam_multi_tensor_kernel[(block_table.shape[0] // 2,)](
-                tensor_table,
-                block_table,
+        if table is not None:
+            _adam_multi_tensor_kernel[(table.num_programs,)](
+                table.tensor_table,
+                table.block_table,
                 **scalars,
-                DTYPE=_TRITON_DTYPES[dtype],
-                ALIGNED_16=aligned,
-                CHUNK_SIZE=_CHUNK_SIZE,
+                DTYPE=TRITON_DTYPES[dtype],
+                ALIGNED_16=table.aligned,
+                CHUNK_SIZE=CHUNK_SIZE,
                 **flags,
             )
     else:

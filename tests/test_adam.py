@@ -8,13 +8,21 @@ import re
 
 import pytest
 import torch
-from conftest import TOLERANCES, cpu_backend_params, skip_unsupported
+from conftest import (
+    STEPS,
+    TOLERANCES,
+    assert_same_state,
+    assert_state_dict_moves,
+    cpu_backend_params,
+    make_grads,
+    make_params,
+    assert_same_snapshots,
+    run_side_by_side,
+    run_with_grad_scaler,
+    skip_unsupported,
+)
 
 import fusedopt
-
-STEPS = 7
-# Odd sizes, a 2-D shape, a zero-size param; the interpreter gets the same (they are small).
-SHAPES = [(1,), (3,), (41,), (769,), (4097,), (7, 13), (0,)]
 
 # One row per option combination: (id, kwargs for both optimizers, kwargs for fusedopt only).
 CASES = [
@@ -30,23 +38,7 @@ CASES = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-            for shape in SHAPES]
-
-
-def make_grads(params, step: int) -> list[torch.Tensor | None]:
-    """Fresh random non-zero-mean grads; param 2 gets no grad on steps 2 and 5."""
-    generator = torch.Generator().manual_seed(1000 + step)
-    grads = [(torch.randn(p.shape, generator=generator, dtype=torch.float64) + 0.5).to(p.dtype)
-             for p in params]
-    if step in (2, 5):
-        grads[2] = None
-    return grads
-
-
-def resolve_lr(kwargs: dict, dtype=torch.float64) -> dict:
+def resolve_lr(kwargs: dict) -> dict:
     kwargs = dict(kwargs)
     lr = kwargs.get("lr", 1e-2)
     kwargs["lr"] = torch.tensor(1e-2, dtype=torch.float32) if lr == "tensor" else lr
@@ -54,40 +46,12 @@ def resolve_lr(kwargs: dict, dtype=torch.float64) -> dict:
 
 
 def run_pair(optimizer_cls, case_kwargs, fused_only, backend, dtype):
-    """Runs fusedopt on `dtype` params and torch (for-loop) on fp64 copies over the same grads;
-    a frozen param is included and must stay untouched."""
-    params = [torch.nn.Parameter(p) for p in make_params(dtype)]
-    frozen = torch.nn.Parameter(torch.randn(5, dtype=dtype), requires_grad=False)
-    frozen_before = frozen.detach().clone()
-    reference = [torch.nn.Parameter(p.detach().to(torch.float64)) for p in params]
     kwargs = resolve_lr(case_kwargs)
-    ours = getattr(fusedopt, optimizer_cls)(params + [frozen], **kwargs, **fused_only,
-                                            backend=backend)
-    theirs = getattr(torch.optim, optimizer_cls)(reference, **kwargs, foreach=False)
-    for step in range(STEPS):
-        for p, r, g in zip(params, reference, make_grads(params, step)):
-            p.grad = g
-            r.grad = None if g is None else g.to(torch.float64)
-        ours.step()
-        theirs.step()
-    torch.testing.assert_close(frozen, frozen_before, atol=0, rtol=0)
-    return params, reference, ours, theirs
-
-
-def assert_same_state(params, reference, ours, theirs, dtype):
-    atol, rtol = TOLERANCES[dtype]
-    for p, r in zip(params, reference):
-        torch.testing.assert_close(p.detach().to(torch.float64), r.detach(), atol=atol, rtol=rtol)
-        ours_state, theirs_state = ours.state[p], theirs.state[r]
-        assert set(ours_state) == set(theirs_state)
-        for key, value in theirs_state.items():
-            if key == "step":
-                assert ours_state[key].item() == value.item()
-                assert ours_state[key].dtype == torch.float32
-            else:
-                assert ours_state[key].dtype == p.dtype
-                torch.testing.assert_close(ours_state[key].to(torch.float64), value,
-                                           atol=atol, rtol=rtol)
+    return run_side_by_side(
+        lambda ps: getattr(fusedopt, optimizer_cls)(ps, **kwargs, **fused_only, backend=backend),
+        lambda ps: getattr(torch.optim, optimizer_cls)(ps, **kwargs, foreach=False),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -100,6 +64,8 @@ def test_steps_match_torch(optimizer_cls, case_id, kwargs, fused_only, backend, 
         kwargs = {**kwargs, "weight_decay": 0.1}  # Adam differs from AdamW only with weight decay
     params, reference, ours, theirs = run_pair(optimizer_cls, kwargs, fused_only, backend, dtype)
     assert_same_state(params, reference, ours, theirs, dtype)
+    for p in params:
+        assert ours.state[p]["step"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
@@ -160,70 +126,26 @@ def test_mixed_dtypes_and_layouts_in_one_group():
     assert ours.state[params[2]]["exp_avg"].stride() == params[2].stride()
 
 
-def train(optimizer, params, steps, seed):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=generator) + 0.5
-        optimizer.step()
-
-
 @pytest.mark.parametrize("direction", ["torch_to_fusedopt", "fusedopt_to_torch"])
 def test_state_dict_moves_between_torch_and_fusedopt(direction):
     kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
-    first = [torch.nn.Parameter(torch.randn(n)) for n in (5, 129)]
-    make_first, make_second = (torch.optim.AdamW, fusedopt.AdamW)
-    if direction == "fusedopt_to_torch":
-        make_first, make_second = make_second, make_first
-    optimizer = make_first(first, **kwargs)
-    train(optimizer, first, 3, seed=1)
-    saved = copy.deepcopy(optimizer.state_dict())
-
-    second = [torch.nn.Parameter(p.detach().clone()) for p in first]
-    resumed = make_second(second, lr=1.0)  # the checkpoint's hyperparameters win
-    resumed.load_state_dict(saved)
-    assert resumed.param_groups[0]["lr"] == 1e-2
-    train(optimizer, first, 3, seed=2)
-    train(resumed, second, 3, seed=2)
-    for a, b in zip(first, second):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-        for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            torch.testing.assert_close(optimizer.state[a][key], resumed.state[b][key],
-                                       atol=1e-6, rtol=1e-5)
-    torch_keys = set(torch.optim.AdamW(first).state_dict()["param_groups"][0])
-    assert set(fusedopt.AdamW(first).state_dict()["param_groups"][0]) == torch_keys | {"backend"}
+    pair = (lambda ps, **kw: torch.optim.AdamW(ps, **{**kwargs, **kw}),
+            lambda ps, **kw: fusedopt.AdamW(ps, **{**kwargs, **kw}))
+    assert_state_dict_moves(*(pair if direction == "torch_to_fusedopt" else pair[::-1]),
+                            state_keys=("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    torch_keys = set(torch.optim.AdamW([torch.zeros(1)]).state_dict()["param_groups"][0])
+    ours = set(fusedopt.AdamW([torch.zeros(1)]).state_dict()["param_groups"][0])
+    assert ours == torch_keys | {"backend"}
 
 
 def test_grad_scaler_unscales_and_skips_like_torch_fused():
     """GradScaler hands grad_scale / found_inf to the step: grads are unscaled inside it, a step
     with an inf grad changes nothing (params, state, step), and the scale backs off."""
-    torch.manual_seed(4)
-    results = []
-    for make in (lambda ps: fusedopt.AdamW(ps, lr=1e-2),
-                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)):
-        torch.manual_seed(4)
-        params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 300)]
-        optimizer = make(params)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-        snapshots = []
-        for step in range(5):
-            loss = sum((p * torch.linspace(-1, 2, p.numel())).sum() ** 2 for p in params)
-            optimizer.zero_grad()
-            scaler.scale(loss).backward()
-            if step == 2:
-                params[1].grad[3] = float("inf")
-            scaler.step(optimizer)
-            scaler.update()
-            snapshots.append([p.detach().clone() for p in params] +
-                             [params[0].grad.clone(), optimizer.state[params[0]]["step"].clone()])
-        results.append((snapshots, scaler.get_scale()))
-    (ours, our_scale), (theirs, their_scale) = results
-    assert our_scale == their_scale
-    for a_step, b_step in zip(ours, theirs):
-        for a, b in zip(a_step, b_step):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert ours[2][-1].item() == ours[1][-1].item() == 2  # the inf step did not count
-    torch.testing.assert_close(ours[2][0], ours[1][0], atol=0, rtol=0)
+    ours = run_with_grad_scaler(lambda ps: fusedopt.AdamW(ps, lr=1e-2), state_key="step")
+    theirs = run_with_grad_scaler(lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+                                  state_key="step")
+    assert_same_snapshots(ours, theirs)
+    assert ours[0][2][-1].item() == ours[0][1][-1].item() == 2  # the inf step did not count
 
 
 BAD_ARGUMENTS = [

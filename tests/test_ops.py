@@ -106,3 +106,41 @@ def test_triton_multi_tensor_path_matches_reference(dtype):
     for got_list, want_list in zip(ours, ref):
         for got, want in zip(got_list, want_list):
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def lion_sgd_inputs(algorithm: str, sizes=(1, 41, 4097)):
+    generator = torch.Generator().manual_seed(8)
+    return tuple([torch.randn(n, generator=generator) + 0.3 for n in sizes] for _ in range(3))
+
+
+LION = dict(beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False)
+SGD = dict(momentum=0.9, dampening=0.1, weight_decay=0.1, nesterov=False, maximize=True,
+           is_first_step=False)
+OTHER_ALGORITHMS = [("lion", LION), ("sgd", SGD)]
+
+
+@needs_ext
+@pytest.mark.parametrize("overload", ["default", "tensor_lr"])
+@pytest.mark.parametrize("algorithm,hyper", OTHER_ALGORITHMS, ids=["lion", "sgd"])
+def test_opcheck_lion_and_sgd(algorithm, hyper, overload):
+    op = getattr(getattr(torch.ops.fusedopt, f"{algorithm}_"), overload)
+    lr = torch.tensor(1e-2) if overload == "tensor_lr" else 1e-2
+    amp = {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(0.0)}
+    torch.library.opcheck(op, lion_sgd_inputs(algorithm), dict(lr=lr, **hyper, **amp))
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("found", [0.0, 1.0])
+@pytest.mark.parametrize("algorithm,hyper", OTHER_ALGORITHMS, ids=["lion", "sgd"])
+def test_lion_sgd_contract_unscale_and_skip(algorithm, hyper, found, backend):
+    ours = lion_sgd_inputs(algorithm)
+    ref = tuple([t.clone() for t in lst] for lst in ours)
+    before = tuple([t.clone() for t in lst] for lst in ours)
+    amp = dict(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(found))
+    getattr(functional, algorithm)(*ours, lr=1e-2, **hyper, **amp, backend=backend)
+    getattr(reference, algorithm)(*ref, lr=1e-2, **hyper, **amp)
+    for got_list, want_list, old_list in zip(ours, ref, before):
+        for got, want, old in zip(got_list, want_list, old_list):
+            torch.testing.assert_close(got, old if found else want, atol=1e-6, rtol=1e-5)
+    if not found:
+        torch.testing.assert_close(ours[1][0], before[1][0] / 8.0)

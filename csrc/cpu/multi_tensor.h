@@ -9,6 +9,9 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <utility>
 #include <vector>
 
 // The storage dtypes of params and optimizer states; math is always fp32.
@@ -142,6 +145,35 @@ inline void write_scalar(const at::Tensor& t, double value) {
   }
 }
 
+// Runs step(i, n) over [begin, end) one vector step at a time (n == kVecStep, a constant the
+// compiler sees, except for the last, partial step), calling prefetch(i) before each full step.
+template <typename PrefetchFn, typename StepFn>
+inline void for_each_vector(int64_t begin, int64_t end, const PrefetchFn& prefetch,
+                            const StepFn& step) {
+  int64_t i = begin;
+  for (; i + kVecStep <= end; i += kVecStep) {
+    prefetch(i);
+    step(i, kVecStep);
+  }
+  if (i < end) step(i, end - i);
+}
+
+// GradScaler's found_inf: a non-zero value means the whole step is skipped.
+inline bool skip_step(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && read_scalar(*found_inf) != 0.0;
+}
+
+// GradScaler's grad_scale as the factor that unscales grads (1 when grads are not scaled).
+inline float inv_grad_scale(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() ? static_cast<float>(1.0 / read_scalar(*grad_scale)) : 1.f;
+}
+
+inline double read_lr(const at::Tensor& lr, const char* op) {
+  TORCH_CHECK(lr.device().is_cpu() && lr.numel() == 1, "fusedopt.", op,
+              " (cpu): a tensor lr must be a 1-element CPU tensor");
+  return read_scalar(lr);
+}
+
 // Checks that tensor i of every list sits on the CPU with param i's dtype and shape.
 inline void check_like_params(at::TensorList params, at::TensorList others, const char* name) {
   TORCH_CHECK(others.size() == params.size(), "fusedopt: expected ", params.size(), " ", name,
@@ -156,6 +188,23 @@ inline void check_like_params(at::TensorList params, at::TensorList others, cons
     TORCH_CHECK(t.sizes() == p.sizes(), "fusedopt: ", name, "[", i, "] has shape ", t.sizes(),
                 ", expected ", p.sizes(), " like its param");
   }
+}
+
+// Checks the params of one optimizer op (CPU tensors of one float32/bfloat16/float16 dtype) and
+// every other list against them; returns the params' dtype.
+inline at::ScalarType check_param_lists(
+    const char* op, at::TensorList params,
+    std::initializer_list<std::pair<const char*, at::TensorList>> others) {
+  const at::ScalarType dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fusedopt.",
+              op, " (cpu): params must be float32, bfloat16 or float16, got ", dtype);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device().is_cpu() && params[i].scalar_type() == dtype, "fusedopt.", op,
+                " (cpu): every param must be a CPU tensor of dtype ", dtype, "; param ", i,
+                " is ", params[i].scalar_type(), " on ", params[i].device());
+  }
+  for (const auto& [name, list] : others) check_like_params(params, list, name);
+  return dtype;
 }
 
 // The kernels stream tensor i of every list as one flat array, which is right when param i is dense
@@ -186,5 +235,27 @@ class FlatLists {
   std::vector<std::vector<at::Tensor>> lists_;
   std::vector<std::pair<at::Tensor, at::Tensor>> copies_;
 };
+
+// Streams every chunk of every tensor through fn(ptrs, tensor, begin, end), in one parallel region:
+// ptrs[k] is the data of tensor `tensor` of lists[k], as scalar_t* of the dtype dispatched on.
+// Layouts the kernels cannot stream flat go through contiguous copies (FlatLists).
+template <typename Fn>
+void for_each_chunk(at::ScalarType dtype, const std::vector<at::TensorList>& lists, const Fn& fn) {
+  const size_t count = lists[0].size();
+  const size_t width = lists.size();
+  std::vector<int64_t> numels(count);
+  for (size_t i = 0; i < count; ++i) numels[i] = lists[0][i].numel();
+  FlatLists flat(lists);
+  FUSEDOPT_DISPATCH_PARAM_TYPES(dtype, "fusedopt_for_each_chunk", [&] {
+    std::vector<scalar_t*> ptrs(count * width);
+    for (size_t i = 0; i < count; ++i) {
+      for (size_t k = 0; k < width; ++k) ptrs[i * width + k] = flat[k][i].data_ptr<scalar_t>();
+    }
+    parallel_for_chunks(numels, [&](const Chunk& c) {
+      fn(ptrs.data() + c.tensor * width, c.tensor, c.begin, c.end);
+    });
+  });
+  flat.write_back();
+}
 
 }  // namespace fusedopt::cpu

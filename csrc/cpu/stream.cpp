@@ -21,17 +21,17 @@ void stream_rmw_cpu(at::TensorList outs, const at::Tensor& src) {
   for (const at::Tensor& out : outs) dst.push_back(out.data_ptr<float>());
   // One "tensor" of src.numel() elements; every out is streamed over the same chunk.
   parallel_for_chunks({src.numel()}, [&](const Chunk& c) {
-    for (int64_t i = c.begin; i < c.end; i += kVecStep) {
-      const int64_t n = std::min(kVecStep, c.end - i);
+    for_each_vector(c.begin, c.end, [&](int64_t i) {
       prefetch_ahead<false>(in, i);  // as the optimizer kernels do
       for (float* d : dst) prefetch_ahead<true>(d, i);
+    }, [&](int64_t i, int64_t n) {
       Vec s0, s1, o0, o1;
       load_float(in + i, n, s0, s1);
       for (float* d : dst) {
         load_float(d + i, n, o0, o1);
         store_float(d + i, n, o0 + s0, o1 + s1);
       }
-    }
+    });
   });
 }
 

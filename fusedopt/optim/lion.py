@@ -1,0 +1,97 @@
+"""fusedopt.Lion: the Lion optimizer with every step fused."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fusedopt import functional
+from fusedopt.optim._base import FusedOptimizer, to_float
+
+
+class Lion(FusedOptimizer):
+    r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    For each param with a grad g (negated if maximize):
+
+        p = p * (1 - lr * weight_decay) - lr * sign(beta1 * m + (1 - beta1) * g)
+        m = beta2 * m + (1 - beta2) * g
+
+    with sign(0) = 0, as lion-pytorch (torch.sign).
+
+    Args: params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, and keyword-only
+    maximize=False, capturable=False (every step is capturable: it never reads a device value on
+    the host), backend="auto" | "triton" | "cpp" | "cuda" | "reference".
+    State per param: "exp_avg" (the param's dtype and layout), as lion-pytorch.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        capturable: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= betas[0] <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr,
+            betas=(to_float(betas[0]), to_float(betas[1])),
+            weight_decay=weight_decay,
+            maximize=maximize,
+            capturable=capturable,
+            backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _init_group(self, group: dict[str, Any]) -> list[list[list[Tensor]]]:
+        """[params, grads, exp_avgs] of the group's params that have grads, one set per
+        (device, dtype); complex tensors viewed as real pairs."""
+        by_device_and_dtype: dict[tuple, list[list[Tensor]]] = {}
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("Lion does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            tensors = [p, grad, state["exp_avg"]]
+            if p.is_complex():
+                tensors = [torch.view_as_real(t) for t in tensors]
+            key = (p.device, tensors[0].dtype)
+            lists = by_device_and_dtype.setdefault(key, [[], [], []])
+            for lst, t in zip(lists, tensors):
+                lst.append(t)
+        return list(by_device_and_dtype.values())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        amp = self._amp_args()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for lists in self._init_group(group):
+                functional.lion(*lists, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                backend=group["backend"], **amp)
+        return loss

@@ -1,0 +1,117 @@
+"""fusedopt.SGD: torch.optim.SGD (momentum, dampening, Nesterov) with every step fused."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fusedopt import functional
+from fusedopt.optim._base import FusedOptimizer, to_float
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent with optional momentum, as torch.optim.SGD.
+
+    For each param with a grad g (negated if maximize):
+
+        g = g + weight_decay * p
+        buf = g on the first step, else momentum * buf + (1 - dampening) * g   (momentum != 0)
+        g = g + momentum * buf  if nesterov  else  buf                          (momentum != 0)
+        p = p - lr * g
+
+    Args: those of torch.optim.SGD, same defaults: lr=1e-3, momentum=0, dampening=0,
+    weight_decay=0, nesterov=False, and keyword-only maximize=False, foreach=None,
+    differentiable=False (True raises, as with torch's fused=True), fused=None (`foreach` and
+    `fused` are accepted and change nothing), backend="auto" | "triton" | "cpp" | "cuda" |
+    "reference".
+    State per param, as torch's: "momentum_buffer" once a step with momentum != 0 has run
+    (no state at all with momentum 0).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        # torch.optim.SGD's checks, messages and exception types.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=to_float(weight_decay),
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+            backend=backend,
+        )
+        super().__init__(params, defaults)
+
+    def _init_group(self, group: dict[str, Any]) -> dict[tuple, list[list[Tensor]]]:
+        """[params, grads, momentum_buffers] of the group's params that have grads, one set per
+        (device, dtype, is_first_step): params without a momentum buffer yet get a new one,
+        which their first step sets to the grad. Complex tensors are viewed as real pairs."""
+        with_momentum = group["momentum"] != 0
+        by_key: dict[tuple, list[list[Tensor]]] = {}
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("fusedopt.SGD does not support sparse gradients (as torch's "
+                                   "fused SGD); use torch.optim.SGD for them")
+            tensors = [p, grad]
+            first_step = False
+            if with_momentum:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None:
+                    # zeros, not empty: a first step skipped by GradScaler leaves a defined buffer
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
+                    first_step = True
+                tensors.append(state["momentum_buffer"])
+            if p.is_complex():
+                tensors = [torch.view_as_real(t) for t in tensors]
+            lists = by_key.setdefault((p.device, tensors[0].dtype, first_step), [[], [], []])
+            for lst, t in zip(lists, tensors):
+                lst.append(t)
+        return by_key
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        amp = self._amp_args()
+        for group in self.param_groups:
+            for (_, _, first_step), lists in self._init_group(group).items():
+                functional.sgd(*lists, lr=group["lr"], momentum=group["momentum"],
+                               dampening=group["dampening"], weight_decay=group["weight_decay"],
+                               nesterov=group["nesterov"], maximize=group["maximize"],
+                               is_first_step=first_step, backend=group["backend"], **amp)
+        return loss

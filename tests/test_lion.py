@@ -1,0 +1,130 @@
+"""fusedopt.Lion against lion-pytorch (the published implementation) and fusedopt.reference."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import (
+    assert_same_snapshots,
+    assert_same_state,
+    assert_state_dict_moves,
+    cpu_backend_params,
+    make_grads,
+    make_params,
+    run_side_by_side,
+    run_with_grad_scaler,
+    skip_unsupported,
+)
+
+import fusedopt
+
+lion_pytorch = pytest.importorskip("lion_pytorch", reason="lion-pytorch is a test dependency")
+
+CASES = [
+    ("defaults", {}),
+    ("weight_decay", {"weight_decay": 0.5}),
+    ("betas", {"betas": (0.5, 0.9), "weight_decay": 0.1}),
+    ("beta1_zero", {"betas": (0.0, 0.99)}),
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("case_id,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_steps_match_lion_pytorch(case_id, kwargs, backend):
+    """fp32 against lion-pytorch in fp64 over 20 steps."""
+    kwargs = {"lr": 1e-2, **kwargs}
+    params, twins, ours, theirs = run_side_by_side(
+        lambda ps: fusedopt.Lion(ps, **kwargs, backend=backend),
+        lambda ps: lion_pytorch.Lion(ps, **kwargs), torch.float32, steps=20)
+    assert_same_state(params, twins, ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", [p for p in cpu_backend_params() if p.id != "reference"])
+def test_low_precision_matches_reference(backend, dtype):
+    """bf16 / fp16 storage: sign() turns one rounding step of exp_avg near zero into a full lr
+    step, so an fp64 oracle is no guide; the reference computes in fp32 and rounds where the
+    kernels do."""
+    skip_unsupported(backend, dtype)
+    params = [torch.nn.Parameter(p) for p in make_params(dtype)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = fusedopt.Lion(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    theirs = fusedopt.Lion(twins, lr=1e-2, weight_decay=0.1, backend="reference")
+    for step in range(20):
+        for p, t, g in zip(params, twins, make_grads(params, step)):
+            p.grad, t.grad = g, None if g is None else g.clone()
+        ours.step()
+        theirs.step()
+    # An fma in the kernel and separate ops in the reference can round c to opposite sides of
+    # zero; such a flipped sign moves a param by 2 * lr. Allow it on a tiny share of elements.
+    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+    got = torch.cat([p.detach().float().flatten() for p in params])
+    want = torch.cat([t.detach().float().flatten() for t in twins])
+    close = (got - want).abs() <= 2 * ulp * (1 + want.abs())
+    assert close.float().mean() > 0.999
+    assert ((got - want).abs() <= 2 * 1e-2 * 2 + 4 * ulp * (1 + want.abs())).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_maximize_and_tensor_lr_match_reference(backend):
+    """lion-pytorch has neither: fusedopt.reference.lion is the oracle (in fp64)."""
+    params, twins, ours, theirs = run_side_by_side(
+        lambda ps: fusedopt.Lion(ps, lr=torch.tensor(1e-2), weight_decay=0.1, maximize=True,
+                                 backend=backend),
+        lambda ps: fusedopt.Lion(ps, lr=1e-2, weight_decay=0.1, maximize=True,
+                                 backend="reference"),
+        torch.float32)
+    assert_same_state(params, twins, ours, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_sign_of_zero_is_zero_like_lion_pytorch(backend):
+    """A zero grad with zero momentum moves nothing; a zero update mixed with non-zero ones."""
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5]))
+    twin = torch.nn.Parameter(param.detach().clone())
+    ours = fusedopt.Lion([param], lr=0.1, backend=backend)
+    theirs = lion_pytorch.Lion([twin], lr=0.1)
+    for grad in (torch.tensor([0.0, 1.0, -1.0, 0.0]), torch.tensor([0.0, -1.0, 0.0, 0.0])):
+        param.grad, twin.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+        torch.testing.assert_close(param, twin, atol=0, rtol=0)
+    assert param[0].item() == 1.0 and param[3].item() == 0.5
+
+
+@pytest.mark.parametrize("direction", ["lion_pytorch_to_fusedopt", "fusedopt_to_lion_pytorch"])
+def test_state_dict_moves_between_lion_pytorch_and_fusedopt(direction):
+    pair = (lambda ps, lr=1e-2: lion_pytorch.Lion(ps, lr=lr, weight_decay=0.1),
+            lambda ps, lr=1e-2: fusedopt.Lion(ps, lr=lr, weight_decay=0.1))
+    assert_state_dict_moves(*(pair if direction.startswith("lion") else pair[::-1]),
+                            state_keys=("exp_avg",))
+
+
+def test_grad_scaler_unscales_and_skips_like_the_reference():
+    ours = run_with_grad_scaler(lambda ps: fusedopt.Lion(ps, lr=1e-2), state_key="exp_avg")
+    theirs = run_with_grad_scaler(lambda ps: fusedopt.Lion(ps, lr=1e-2, backend="reference"),
+                                  state_key="exp_avg")
+    assert_same_snapshots(ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"lr": -1.0}, "Invalid learning rate: -1.0"),
+    ({"lr": float("nan")}, "Invalid learning rate: nan"),
+    ({"betas": (1.5, 0.99)}, "Invalid beta parameter at index 0: 1.5"),
+    ({"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1: -0.1"),
+    ({"weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
+    ({"lr": torch.tensor([1.0, 2.0])}, "Tensor lr must be 1-element"),
+    ({"backend": "numpy"}, "backend must be one of"),
+], ids=lambda v: str(v)[:30])
+def test_bad_arguments_raise_torch_style_errors(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fusedopt.Lion([torch.nn.Parameter(torch.randn(3))], **kwargs)
+
+
+def test_sparse_grads_raise():
+    param = torch.nn.Parameter(torch.randn(4))
+    param.grad = torch.randn(4).to_sparse()
+    with pytest.raises(RuntimeError, match="Lion does not support sparse gradients"):
+        fusedopt.Lion([param]).step()
