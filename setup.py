@@ -76,7 +76,7 @@ def extension_modules():
     major = nvcc_major(cpp_extension) if torch_cuda else None
     if torch_cuda and major == int(torch_cuda.split(".")[0]):
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        extra["nvcc"] = ["-O3", "-std=c++17"]  # no fast math: denormals as torch keeps them
         extension = cpp_extension.CUDAExtension
     elif torch_cuda:
         print(

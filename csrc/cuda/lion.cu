@@ -37,10 +37,53 @@ struct LionScalars {
   cuda::ScalarPointers ptrs;
   double lr, beta1, beta2, weight_decay;
   bool maximize;
+  // lr came as a tensor (float32 in practice): the reference forms 1 - lr * weight_decay in its
+  // dtype, so in float32 here rather than float64.
+  bool lr_single;
 };
 
 static_assert(sizeof(LionArgs) + sizeof(LionScalars) <= cuda::kMaxArgBytes,
               "kernel arguments too large");
+
+// One element of the update: x = {param, grad, exp_avg} in opmath_t registers; x[1] is left
+// holding the unscaled grad. __host__ __device__ so host code can check it element by element.
+template <typename opmath_t>
+struct LionUpdate {
+  opmath_t lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, grad_scale;
+  bool unscale, maximize;
+
+  // Scalars as the reference's torch ops see them: Python floats combined in fp64, then rounded
+  // once to the compute dtype. lr: this step's lr; grad_scale: nullptr when grads are not scaled.
+  __host__ __device__ LionUpdate(const LionScalars& s, double lr_d, const float* grad_scale_ptr)
+      : lr(static_cast<opmath_t>(lr_d)),
+        decay(s.lr_single ? static_cast<opmath_t>(
+                                1.f - cuda::mul_rn(static_cast<float>(lr_d),
+                                                   static_cast<float>(s.weight_decay)))
+                          : static_cast<opmath_t>(1.0 - cuda::mul_rn(lr_d, s.weight_decay))),
+        beta1(static_cast<opmath_t>(s.beta1)),
+        one_minus_beta1(static_cast<opmath_t>(1.0 - s.beta1)),
+        beta2(static_cast<opmath_t>(s.beta2)),
+        one_minus_beta2(static_cast<opmath_t>(1.0 - s.beta2)),
+        grad_scale(grad_scale_ptr != nullptr ? static_cast<opmath_t>(*grad_scale_ptr)
+                                             : opmath_t(1)),
+        unscale(grad_scale_ptr != nullptr),
+        maximize(s.maximize) {}
+
+  // Products go through mul_rn so that the sign is taken of the very sum the reference computes.
+  __host__ __device__ __forceinline__ void operator()(opmath_t (&x)[3]) const {
+    opmath_t& p = x[0];
+    opmath_t& g = x[1];
+    opmath_t& m = x[2];
+    if (unscale) g = cuda::div_rn(g, grad_scale);
+    const opmath_t d = maximize ? -g : g;
+    const opmath_t c = cuda::mul_rn(beta1, m) + cuda::mul_rn(one_minus_beta1, d);
+    // sign(c): +1, -1, or 0 for zero and nan (torch.sign's (0 < c) - (c < 0)).
+    const opmath_t sign = static_cast<opmath_t>(static_cast<int>(opmath_t(0) < c) -
+                                                static_cast<int>(c < opmath_t(0)));
+    p = cuda::mul_rn(p, decay) - cuda::mul_rn(lr, sign);
+    m = cuda::mul_rn(beta2, m) + cuda::mul_rn(one_minus_beta2, d);
+  }
+};
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -51,38 +94,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   const cuda::ChunkRange chunk = cuda::this_blocks_chunk(args);
   scalar_t* ptrs[LionArgs::kLists];
   cuda::chunk_pointers<scalar_t>(args, chunk, ptrs);
-
-  // Scalars as the reference's torch ops see them: Python floats combined in fp64, then rounded
-  // once to the compute dtype.
-  const double lr_d = cuda::read_lr(s.ptrs, s.lr);
-  const opmath_t lr = static_cast<opmath_t>(lr_d);
-  const opmath_t decay = static_cast<opmath_t>(1.0 - lr_d * s.weight_decay);
-  const opmath_t beta1 = static_cast<opmath_t>(s.beta1);
-  const opmath_t one_minus_beta1 = static_cast<opmath_t>(1.0 - s.beta1);
-  const opmath_t beta2 = static_cast<opmath_t>(s.beta2);
-  const opmath_t one_minus_beta2 = static_cast<opmath_t>(1.0 - s.beta2);
-  const bool unscale = s.ptrs.grad_scale != nullptr;
-  const opmath_t grad_scale = unscale ? static_cast<opmath_t>(*s.ptrs.grad_scale) : opmath_t(1);
-
-  // One element: x = {param, grad, exp_avg}; x[1] is left holding the unscaled grad. Products go
-  // through mul_rn so that the sign is taken of the very sum the reference computes.
-  auto update = [&](opmath_t (&x)[LionArgs::kLists]) {
-    opmath_t& p = x[0];
-    opmath_t& g = x[1];
-    opmath_t& m = x[2];
-    if (unscale) g = cuda::div_rn(g, grad_scale);
-    const opmath_t d = s.maximize ? -g : g;
-    const opmath_t c = cuda::mul_rn(beta1, m) + cuda::mul_rn(one_minus_beta1, d);
-    // sign(c): +1, -1, or 0 for zero and nan (torch.sign's (0 < c) - (c < 0)).
-    const opmath_t sign = static_cast<opmath_t>(static_cast<int>(opmath_t(0) < c) -
-                                                static_cast<int>(c < opmath_t(0)));
-    p = cuda::mul_rn(p, decay) - cuda::mul_rn(lr, sign);
-    m = cuda::mul_rn(beta2, m) + cuda::mul_rn(one_minus_beta2, d);
-  };
+  const LionUpdate<opmath_t> update(s, cuda::read_lr(s.ptrs, s.lr), s.ptrs.grad_scale);
 
   // Every list is read; the grads are written back only when they were unscaled.
   constexpr unsigned kAll = cuda::all_lists(LionArgs::kLists);
-  const unsigned store_mask = unscale ? kAll : kAll & ~cuda::list_bit(1);
+  const unsigned store_mask = update.unscale ? kAll : kAll & ~cuda::list_bit(1);
   cuda::for_each_element(ptrs, chunk.n, kAll, store_mask, update);
 }
 
@@ -109,6 +125,7 @@ void lion_cuda_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   scalars.beta2 = beta2;
   scalars.weight_decay = weight_decay;
   scalars.maximize = maximize;
+  scalars.lr_single = step_scalars.lr_dtype != at::kDouble;
 
   for (const auto& group : cuda::group_by_dtype(params)) {
     const std::vector<size_t>& indices = group.second;

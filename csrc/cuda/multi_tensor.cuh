@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -94,18 +95,60 @@ __device__ __forceinline__ void chunk_pointers(const Args& args, const ChunkRang
 // ---------------------------------------------------------------------------------------------
 // Device-side arithmetic and memory helpers
 
-// Round-to-nearest division and sqrt even when built with --use_fast_math (setup.py does), so the
-// result tracks the reference's IEEE arithmetic instead of the approximate instructions.
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
-__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
+// Arithmetic helpers, __host__ __device__ so that element updates written as functors can also
+// be exercised by host code (host arithmetic is IEEE already; the host paths are not used by the
+// kernels).
+//
+// Round-to-nearest division and sqrt spelled out, so the result tracks the reference's IEEE
+// arithmetic even if someone builds with --use_fast_math (setup.py does not).
+__host__ __device__ __forceinline__ float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+__host__ __device__ __forceinline__ double div_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+__host__ __device__ __forceinline__ float sqrt_rn(float a) {
+#ifdef __CUDA_ARCH__
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+__host__ __device__ __forceinline__ double sqrt_rn(double a) {
+#ifdef __CUDA_ARCH__
+  return __dsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
 
 // A product rounded on its own, never contracted with a neighbouring add into one FMA: a * b + c
 // written with mul_rn rounds twice, exactly as the reference's separate torch ops do. Where the
 // update takes a sign or a comparison of such a sum (Lion), this keeps it bit-identical.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__host__ __device__ __forceinline__ float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  volatile float product = a * b;  // volatile: no contraction on the host either
+  return product;
+#endif
+}
+__host__ __device__ __forceinline__ double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  volatile double product = a * b;
+  return product;
+#endif
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -185,8 +228,10 @@ __device__ __forceinline__ void for_each_element(scalar_t* const (&ptrs)[kLists]
 }
 
 // Bit mask with bits [0, count) set.
-constexpr unsigned all_lists(int count) { return count >= 32 ? ~0u : (1u << count) - 1u; }
-constexpr unsigned list_bit(int l) { return 1u << l; }
+__host__ __device__ constexpr unsigned all_lists(int count) {
+  return count >= 32 ? ~0u : (1u << count) - 1u;
+}
+__host__ __device__ constexpr unsigned list_bit(int l) { return 1u << l; }
 
 // ---------------------------------------------------------------------------------------------
 // Scalars that must not be read on the host
@@ -226,6 +271,9 @@ inline at::Tensor device_scalar_as_float(const char* op, const at::Tensor& t, co
 // this stream's work). Construct it under the params' device guard.
 struct StepScalars {
   double lr = 0.0;         // the host lr (float overload, or a CPU lr tensor)
+  // The dtype the reference computes lr's own arithmetic in (e.g. 1 - lr * weight_decay): float64
+  // for a Python float, else the lr tensor's dtype.
+  at::ScalarType lr_dtype = at::kDouble;
   ScalarPointers ptrs{nullptr, nullptr, nullptr};
   at::Tensor lr_f, grad_scale_f, found_inf_f;
 
@@ -234,6 +282,7 @@ struct StepScalars {
               const std::optional<at::Tensor>& found_inf, c10::Device device)
       : lr(host_lr) {
     if (lr_tensor.has_value()) {
+      lr_dtype = lr_tensor->scalar_type();
       if (lr_tensor->device().is_cpu()) {
         TORCH_CHECK(lr_tensor->numel() == 1, "fusedopt::", op,
                     ": lr must have exactly one element, got ", lr_tensor->numel());
