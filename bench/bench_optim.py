@@ -1,15 +1,18 @@
 """One optimizer step, fusedopt against its peers, all in one run on the same inputs.
 
-Workloads: "large" (25M params in 34 tensors: 16 x 1024x1024, 16 x 1024, 2 x 4096x1024) and
-"tiny" (2,000 tensors of 128..1151 params). Providers on CPU: fusedopt's C++ kernel; torch.optim's
-for-loop, foreach and fused=True; DeepSpeed's CPU Adam when installed. On CUDA: fusedopt's Triton
-and CUDA C++ kernels; torch's fused and foreach.
+Optimizers: AdamW, Lion, SGD with momentum (--optimizers). Workloads: "large" (25M params in 34
+tensors: 16 x 1024x1024, 16 x 1024, 2 x 4096x1024) and "tiny" (2,000 tensors of 128..1151
+params). Providers on CPU: fusedopt's C++ kernels; torch.optim's fused=True, foreach and for-loop;
+DeepSpeed's CPU Adam, lion-pytorch, optimi and pytorch-optimizer when installed. On CUDA: fusedopt's
+Triton and CUDA C++ kernels, torch's fused and foreach, and the Lion peers.
 
-Bytes model: an fp32 AdamW step reads p, g, m, v and writes p, m, v: 28 B/param. The bandwidth it is
-compared with is measured in the same run with the same access pattern (fusedopt.stream_rmw_: three
-fp32 streams read-modified-written plus one read, 28 B/element; on CUDA, torch's in-place add).
+Bytes model, fp32: AdamW reads p, g, m, v and writes p, m, v (28 B/param); Lion and SGD-momentum
+read p, g, m and write p, m (20 B/param). The bandwidth each is compared with is measured in the
+same run with the same access pattern (fusedopt.stream_rmw_: k fp32 streams read-modified-written
+plus one read, 4 + 8k B/element; on CUDA, torch's in-place add, 12 B/element).
 
-    python bench/bench_optim.py [--device cpu|cuda] [--workloads large tiny] [--rounds 7]
+    python bench/bench_optim.py [--device cpu|cuda] [--optimizers adamw lion sgd]
+                                [--workloads large tiny] [--rounds 7]
 Writes a table to the terminal, and JSON + Markdown under bench/results/.
 """
 
@@ -31,7 +34,6 @@ import torch
 
 import fusedopt
 
-BYTES_PER_PARAM = 28  # fp32 AdamW: read p, g, m, v; write p, m, v
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -43,32 +45,88 @@ def workload_shapes(name: str) -> list[tuple[int, ...]]:
     raise ValueError(f"unknown workload {name!r}")
 
 
-def providers(device: str) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
-    """name -> constructor of an AdamW-equivalent optimizer over the given params."""
+def _peer(name: str, make: Callable) -> dict[str, Callable]:
+    """{name: make} if the peer's package imports here, else {} (said on stderr)."""
+    try:
+        make([torch.nn.Parameter(torch.zeros(1))])
+    except Exception as error:  # noqa: BLE001 - not installed, or its op fails to build
+        print(f"# {name} not measured: {type(error).__name__}: {error}", file=sys.stderr)
+        return {}
+    return {name: make}
+
+
+def adamw_providers(device: str) -> dict[str, Callable]:
     kwargs = dict(lr=1e-3, weight_decay=1e-2)
     found: dict[str, Callable] = {}
-    available = fusedopt.backends()
-    if device == "cpu":
-        if available["cpp"]["available"]:
-            found["fusedopt cpp"] = lambda ps: fusedopt.AdamW(ps, **kwargs, backend="cpp")
-    else:
-        for backend in ("triton", "cuda"):
-            if available[backend]["available"]:
-                found[f"fusedopt {backend}"] = (
-                    lambda ps, b=backend: fusedopt.AdamW(ps, **kwargs, backend=b))
+    for backend in fusedopt_backends(device):
+        found[f"fusedopt {backend}"] = (
+            lambda ps, b=backend: fusedopt.AdamW(ps, **kwargs, backend=b))
     found["torch fused"] = lambda ps: torch.optim.AdamW(ps, **kwargs, fused=True)
     found["torch foreach"] = lambda ps: torch.optim.AdamW(ps, **kwargs, foreach=True)
     if device == "cpu":
         found["torch for-loop"] = lambda ps: torch.optim.AdamW(ps, **kwargs, foreach=False)
-        try:
+
+        def deepspeed(ps):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            found["deepspeed cpu_adam"] = lambda ps: DeepSpeedCPUAdam(ps, **kwargs,
-                                                                      adamw_mode=True)
-        except Exception as error:  # noqa: BLE001 - not installed, or its op fails to build
-            print(f"# deepspeed cpu_adam not measured: {type(error).__name__}: {error}",
-                  file=sys.stderr)
+            return DeepSpeedCPUAdam(ps, **kwargs, adamw_mode=True)
+
+        found.update(_peer("deepspeed cpu_adam", deepspeed))
     return found
+
+
+def lion_providers(device: str) -> dict[str, Callable]:
+    kwargs = dict(lr=1e-4, weight_decay=1e-2)
+    found: dict[str, Callable] = {}
+    for backend in fusedopt_backends(device):
+        found[f"fusedopt {backend}"] = lambda ps, b=backend: fusedopt.Lion(ps, **kwargs, backend=b)
+
+    def lion_pytorch(ps):
+        from lion_pytorch import Lion
+
+        return Lion(ps, **kwargs)
+
+    def optimi(ps):
+        from optimi import Lion
+
+        return Lion(ps, **kwargs)
+
+    def pytorch_optimizer(ps):
+        from pytorch_optimizer import Lion
+
+        return Lion(ps, **kwargs, weight_decouple=True)
+
+    found.update(_peer("lion-pytorch", lion_pytorch))
+    found.update(_peer("optimi", optimi))
+    found.update(_peer("pytorch-optimizer", pytorch_optimizer))
+    return found
+
+
+def sgd_providers(device: str) -> dict[str, Callable]:
+    kwargs = dict(lr=1e-3, momentum=0.9, weight_decay=1e-2)
+    found: dict[str, Callable] = {}
+    for backend in fusedopt_backends(device):
+        found[f"fusedopt {backend}"] = lambda ps, b=backend: fusedopt.SGD(ps, **kwargs, backend=b)
+    found["torch fused"] = lambda ps: torch.optim.SGD(ps, **kwargs, fused=True)
+    found["torch foreach"] = lambda ps: torch.optim.SGD(ps, **kwargs, foreach=True)
+    if device == "cpu":
+        found["torch for-loop"] = lambda ps: torch.optim.SGD(ps, **kwargs, foreach=False)
+    return found
+
+
+# name -> (providers, fp32 bytes per param, the baseline the time ratio is taken against:
+# a provider's name, or "fastest peer" = the fastest provider not from fusedopt).
+OPTIMIZERS = {
+    "adamw": (adamw_providers, 28, "torch fused"),
+    "lion": (lion_providers, 20, "fastest peer"),
+    "sgd": (sgd_providers, 20, "torch fused"),
+}
+
+
+def fusedopt_backends(device: str) -> list[str]:
+    available = fusedopt.backends()
+    names = ["cpp"] if device == "cpu" else ["triton", "cuda"]
+    return [name for name in names if available[name]["available"]]
 
 
 def make_params(shapes, device: str) -> list[torch.Tensor]:
@@ -101,13 +159,17 @@ def timer(device: str) -> Callable[[Callable[[], None], int], float]:
     return cpu if device == "cpu" else cuda
 
 
-def bandwidth_probe(device: str, numel: int) -> tuple[str, Callable[[], None], int]:
-    """(description, fn, bytes moved per call) with an optimizer step's access pattern."""
+def bandwidth_probe(device: str, numel: int, bytes_per_param: int
+                    ) -> tuple[str, Callable[[], None], int]:
+    """(description, fn, bytes moved per call) with an optimizer step's access pattern:
+    bytes_per_param = 4 (one stream read) + 8 per stream read and written."""
     src = torch.randn(numel, device=device)
     if device == "cpu" and fusedopt.backends()["cpp"]["available"]:
-        outs = [torch.randn(numel, device=device) for _ in range(3)]
-        return ("fusedopt.stream_rmw_: 3 fp32 streams read+written, 1 read (28 B/elem)",
-                lambda: torch.ops.fusedopt.stream_rmw_(outs, src), 28 * numel)
+        streams = (bytes_per_param - 4) // 8
+        outs = [torch.randn(numel, device=device) for _ in range(streams)]
+        return (f"fusedopt.stream_rmw_: {streams} fp32 streams read+written, 1 read "
+                f"({4 + 8 * streams} B/elem)",
+                lambda: torch.ops.fusedopt.stream_rmw_(outs, src), (4 + 8 * streams) * numel)
     out = torch.randn(numel, device=device)
     return ("torch in-place add: 1 fp32 stream read+written, 1 read (12 B/elem)",
             lambda: out.add_(src), 12 * numel)
@@ -145,44 +207,53 @@ def machine(device: str) -> dict[str, object]:
     return info
 
 
-def run(device: str, workloads: list[str], rounds: int) -> dict[str, object]:
+def measure_workload(device: str, optimizer: str, workload: str, rounds: int
+                     ) -> dict[str, object]:
+    make_providers, bytes_per_param, baseline_name = OPTIMIZERS[optimizer]
     measure = timer(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    shapes = workload_shapes(workload)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    probe_name, probe, probe_bytes = bandwidth_probe(device, numel, bytes_per_param)
+    optimizers = {name: make(make_params(shapes, device))
+                  for name, make in make_providers(device).items()}
+    calls = 5 if workload == "large" else 20
+    samples: dict[str, list[float]] = {name: [] for name in [*optimizers, "bandwidth"]}
+    for step in [o.step for o in optimizers.values()] + [probe]:  # warm-up: state, first touch
+        step()
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    # Interleaved rounds, so every provider sees the same machine conditions.
+    for _ in range(rounds):
+        samples["bandwidth"].append(measure(probe, calls))
+        for name, opt in optimizers.items():
+            samples[name].append(measure(opt.step, calls))
+    bandwidth = probe_bytes / statistics.median(samples["bandwidth"]) / 1e9
+    medians = {name: statistics.median(samples[name]) for name in optimizers}
+    if baseline_name == "fastest peer":
+        peers = [name for name in medians if not name.startswith("fusedopt")]
+        baseline_name = min(peers, key=medians.__getitem__)
+    step_bytes = bytes_per_param * numel
+    rows = {}
+    for name, seconds in medians.items():
+        rows[name] = {"ms": seconds * 1e3, "GB/s": step_bytes / seconds / 1e9,
+                      "pct_bandwidth": 100 * step_bytes / seconds / 1e9 / bandwidth,
+                      "time_vs_baseline": seconds / medians[baseline_name],
+                      "ms_samples": [s * 1e3 for s in samples[name]]}
+    return {"tensors": len(shapes), "params": numel, "bytes_per_param": bytes_per_param,
+            "bandwidth_GBps": bandwidth, "bandwidth_probe": probe_name,
+            "baseline": baseline_name, "rows": rows}
+
+
+def run(device: str, optimizers: list[str], workloads: list[str], rounds: int
+        ) -> dict[str, object]:
     report: dict[str, object] = {"machine": machine(device), "command": " ".join(sys.argv),
                                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                 "bytes_per_param": BYTES_PER_PARAM, "workloads": {}}
-    for workload in workloads:
-        shapes = workload_shapes(workload)
-        numel = sum(torch.Size(s).numel() for s in shapes)
-        probe_name, probe, probe_bytes = bandwidth_probe(device, numel)
-        optimizers = {name: make(make_params(shapes, device))
-                      for name, make in providers(device).items()}
-        calls = 5 if workload == "large" else 20
-        samples: dict[str, list[float]] = {name: [] for name in [*optimizers, "bandwidth"]}
-        for name, optimizer in optimizers.items():  # warm-up: state allocation, first touch
-            optimizer.step()
-            optimizer.step()
-        probe()
-        sync()
-        # Interleaved rounds, so every provider sees the same machine conditions.
-        for _ in range(rounds):
-            samples["bandwidth"].append(measure(probe, calls))
-            for name, optimizer in optimizers.items():
-                samples[name].append(measure(optimizer.step, calls))
-        bandwidth = probe_bytes / statistics.median(samples["bandwidth"]) / 1e9
-        step_bytes = BYTES_PER_PARAM * numel
-        rows = {}
-        baseline = statistics.median(samples["torch fused"])
-        for name in optimizers:
-            seconds = statistics.median(samples[name])
-            rows[name] = {"ms": seconds * 1e3, "GB/s": step_bytes / seconds / 1e9,
-                          "pct_bandwidth": 100 * step_bytes / seconds / 1e9 / bandwidth,
-                          "time_vs_torch_fused": seconds / baseline,
-                          "ms_samples": [s * 1e3 for s in samples[name]]}
-        report["workloads"][workload] = {
-            "tensors": len(shapes), "params": numel, "bandwidth_GBps": bandwidth,
-            "bandwidth_probe": probe_name, "rows": rows}
-        del optimizers
+                                 "results": {}}
+    for optimizer in optimizers:
+        for workload in workloads:
+            report["results"][f"{optimizer} {workload}"] = measure_workload(
+                device, optimizer, workload, rounds)
     return report
 
 
@@ -191,15 +262,17 @@ def markdown(report: dict[str, object]) -> str:
     lines = [f"Machine: {m['device']}; torch {m['torch']}, triton {m['triton']}, "
              f"Python {m['python']}, {m['threads']} threads; commit {m['commit']}; "
              f"{report['date']}.", f"Command: `{report['command']}`", ""]
-    for workload, result in report["workloads"].items():
-        lines += [f"**{workload}**: {result['tensors']} tensors, {result['params']:,} params, "
-                  f"AdamW fp32 at {report['bytes_per_param']} B/param. Measured bandwidth "
-                  f"{result['bandwidth_GBps']:.1f} GB/s ({result['bandwidth_probe']}).", "",
-                  "| provider | ms/step | GB/s | % of bandwidth | time / torch fused |",
+    for name, result in report["results"].items():
+        optimizer, workload = name.split()
+        lines += [f"**{optimizer} {workload}**: {result['tensors']} tensors, "
+                  f"{result['params']:,} params, fp32 at {result['bytes_per_param']} B/param. "
+                  f"Measured bandwidth {result['bandwidth_GBps']:.1f} GB/s "
+                  f"({result['bandwidth_probe']}).", "",
+                  f"| provider | ms/step | GB/s | % of bandwidth | time / {result['baseline']} |",
                   "|---|---:|---:|---:|---:|"]
-        for name, row in result["rows"].items():
-            lines.append(f"| {name} | {row['ms']:.2f} | {row['GB/s']:.1f} | "
-                         f"{row['pct_bandwidth']:.0f}% | {row['time_vs_torch_fused']:.2f} |")
+        for provider, row in result["rows"].items():
+            lines.append(f"| {provider} | {row['ms']:.2f} | {row['GB/s']:.1f} | "
+                         f"{row['pct_bandwidth']:.0f}% | {row['time_vs_baseline']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -207,13 +280,15 @@ def markdown(report: dict[str, object]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
+                        choices=list(OPTIMIZERS))
     parser.add_argument("--workloads", nargs="+", default=["large", "tiny"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None, help="results file stem (default: optim-DEVICE)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is visible")
-    report = run(args.device, args.workloads, args.rounds)
+    report = run(args.device, args.optimizers, args.workloads, args.rounds)
     table = markdown(report)
     print(table)
     RESULTS.mkdir(exist_ok=True)

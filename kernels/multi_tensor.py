@@ -214,7 +214,8 @@ def check_amp_scalars(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
-    """lr (when a tensor), grad_scale and found_inf: 1-element float tensors on the params' device."""
+    """lr (when a tensor), grad_scale and found_inf: 1-element float tensors on the params'
+    device."""
     if not params:
         return
     device = params[0].device
