@@ -145,11 +145,14 @@ inline void write_scalar(const at::Tensor& t, double value) {
   }
 }
 
-// Runs step(i, n) over [begin, end) one vector step at a time (n == kVecStep, a constant the
-// compiler sees, except for the last, partial step), calling prefetch(i) before each full step.
+// Runs step(i, n) over [begin, end) one vector step at a time, calling prefetch(i) before each
+// full step (n == kVecStep there). Forced inline: as an out-of-line function, the lambdas' captured
+// vector constants were re-read from memory in every step (the 25M-param AdamW step measured
+// ~16.4 ms against ~15.0 ms inlined).
 template <typename PrefetchFn, typename StepFn>
-inline void for_each_vector(int64_t begin, int64_t end, const PrefetchFn& prefetch,
-                            const StepFn& step) {
+__attribute__((always_inline)) inline void for_each_vector(int64_t begin, int64_t end,
+                                                           const PrefetchFn& prefetch,
+                                                           const StepFn& step) {
   int64_t i = begin;
   for (; i + kVecStep <= end; i += kVecStep) {
     prefetch(i);
