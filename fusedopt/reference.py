@@ -16,6 +16,18 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _store_unless(found_inf: Tensor | None):
+    """store(dst, value): dst = value in dst's dtype, except where GradScaler found an inf
+    (found_inf != 0), which keeps dst; decided on the device, with no host sync."""
+    skip = None if found_inf is None else found_inf.to(torch.bool)
+
+    def store(dst: Tensor, value: Tensor) -> None:
+        value = value.to(dst.dtype)
+        dst.copy_(value if skip is None else torch.where(skip.to(dst.device), dst, value))
+
+    return store
+
+
 def adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -48,12 +60,7 @@ def adam(
 
     When found_inf is non-zero nothing changes, not even step or grad.
     """
-    skip = None if found_inf is None else found_inf.to(torch.bool)
-
-    def store(dst: Tensor, value: Tensor) -> None:
-        value = value.to(dst.dtype)
-        dst.copy_(value if skip is None else torch.where(skip.to(dst.device), dst, value))
-
+    store = _store_unless(found_inf)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
         step = state_steps[i].to(torch.float64) + 1
@@ -112,12 +119,7 @@ def lion(
 
     When found_inf is non-zero nothing changes, not even grad.
     """
-    skip = None if found_inf is None else found_inf.to(torch.bool)
-
-    def store(dst: Tensor, value: Tensor) -> None:
-        value = value.to(dst.dtype)
-        dst.copy_(value if skip is None else torch.where(skip.to(dst.device), dst, value))
-
+    store = _store_unless(found_inf)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
         grad = grads[i].to(dtype)
@@ -160,12 +162,7 @@ def sgd(
 
     momentum_buffers is empty when momentum == 0. When found_inf is non-zero nothing changes.
     """
-    skip = None if found_inf is None else found_inf.to(torch.bool)
-
-    def store(dst: Tensor, value: Tensor) -> None:
-        value = value.to(dst.dtype)
-        dst.copy_(value if skip is None else torch.where(skip.to(dst.device), dst, value))
-
+    store = _store_unless(found_inf)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
         grad = grads[i].to(dtype)

@@ -25,16 +25,14 @@ from torch import Tensor
 
 from .multi_tensor import (
     BLOCK_SIZES,
-    CHUNK_SIZE,
-    TRITON_DTYPES,
     check_amp_scalars,
     check_lengths,
     check_tensor_lists,
     keep_mask,
+    launch,
     load_lr,
     program_chunk,
     table_pointer,
-    tables,
 )
 
 
@@ -376,11 +374,7 @@ def adam(
     )
     if not params:
         return
-    device = params[0].device
-    dtype = params[0].dtype
-    block_size = BLOCK_SIZES[dtype]
-    if multi_tensor is None:
-        multi_tensor = device.type == "cuda"
+    block_size = BLOCK_SIZES[params[0].dtype]
     lr_is_tensor = isinstance(lr, Tensor)
     scalars = dict(
         lr=lr,
@@ -404,37 +398,10 @@ def adam(
         BLOCK_SIZE=block_size,
     )
 
-    if multi_tensor:
-        table = tables(
-            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None],
-            extra_per_tensor=[state_steps],
-        )
-        if table is not None:
-            _adam_multi_tensor_kernel[(table.num_programs,)](
-                table.tensor_table,
-                table.block_table,
-                **scalars,
-                DTYPE=TRITON_DTYPES[dtype],
-                ALIGNED_16=table.aligned,
-                CHUNK_SIZE=CHUNK_SIZE,
-                **flags,
-            )
-    else:
-        for i, param in enumerate(params):
-            numel = param.numel()
-            if numel == 0:
-                continue
-            _adam_tensor_kernel[(triton.cdiv(numel, block_size),)](
-                param,
-                grads[i],
-                exp_avgs[i],
-                exp_avg_sqs[i],
-                max_exp_avg_sqs[i] if amsgrad else None,
-                state_steps[i],
-                numel,
-                **scalars,
-                **flags,
-            )
+    launch(_adam_tensor_kernel, _adam_multi_tensor_kernel,
+           [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None],
+           multi_tensor=multi_tensor, scalars=scalars, flags=flags,
+           extra_per_tensor=[state_steps])
 
     # The kernels used step + 1; now advance the stored steps (not at all when found_inf != 0).
     if found_inf is None:

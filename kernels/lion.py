@@ -19,16 +19,14 @@ from torch import Tensor
 
 from .multi_tensor import (
     BLOCK_SIZES,
-    CHUNK_SIZE,
-    TRITON_DTYPES,
     check_amp_scalars,
     check_lengths,
     check_tensor_lists,
     keep_mask,
+    launch,
     load_lr,
     program_chunk,
     table_pointer,
-    tables,
 )
 
 
@@ -268,11 +266,7 @@ def lion(
     _check_inputs(params, grads, exp_avgs, lr, beta1, beta2, grad_scale, found_inf)
     if not params:
         return
-    device = params[0].device
-    dtype = params[0].dtype
-    block_size = BLOCK_SIZES[dtype]
-    if multi_tensor is None:
-        multi_tensor = device.type == "cuda"
+    block_size = BLOCK_SIZES[params[0].dtype]
     scalars = dict(
         lr=lr,
         grad_scale_ptr=grad_scale,
@@ -291,28 +285,5 @@ def lion(
         BLOCK_SIZE=block_size,
     )
 
-    if multi_tensor:
-        table = tables([params, grads, exp_avgs])
-        if table is not None:
-            _lion_multi_tensor_kernel[(table.num_programs,)](
-                table.tensor_table,
-                table.block_table,
-                **scalars,
-                DTYPE=TRITON_DTYPES[dtype],
-                ALIGNED_16=table.aligned,
-                CHUNK_SIZE=CHUNK_SIZE,
-                **flags,
-            )
-    else:
-        for i, param in enumerate(params):
-            numel = param.numel()
-            if numel == 0:
-                continue
-            _lion_tensor_kernel[(triton.cdiv(numel, block_size),)](
-                param,
-                grads[i],
-                exp_avgs[i],
-                numel,
-                **scalars,
-                **flags,
-            )
+    launch(_lion_tensor_kernel, _lion_multi_tensor_kernel, [params, grads, exp_avgs],
+           multi_tensor=multi_tensor, scalars=scalars, flags=flags)

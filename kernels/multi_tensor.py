@@ -157,6 +157,48 @@ def tables(
     return entry
 
 
+def launch(
+    tensor_kernel,
+    multi_tensor_kernel,
+    lists: list[Sequence[Tensor] | None],
+    *,
+    multi_tensor: bool | None,
+    scalars: dict,
+    flags: dict,
+    extra_per_tensor: Sequence[Sequence[Tensor]] = (),
+) -> None:
+    """Launches an algorithm's kernels over parallel tensor lists (None: a list this call does
+    not use). Multi-tensor (default on CUDA): one launch of multi_tensor_kernel(tensor_table,
+    block_table, **scalars, DTYPE, ALIGNED_16, CHUNK_SIZE, **flags). Per-tensor (elsewhere, and
+    in the interpreter): tensor_kernel(tensor of each list, extra tensors, numel, **scalars,
+    **flags) once per non-empty tensor, over cdiv(numel, BLOCK_SIZE) programs."""
+    params = lists[0]
+    if multi_tensor is None:
+        multi_tensor = params[0].device.type == "cuda"
+    if multi_tensor:
+        table = tables(lists, extra_per_tensor=extra_per_tensor)
+        if table is not None:
+            multi_tensor_kernel[(table.num_programs,)](
+                table.tensor_table,
+                table.block_table,
+                **scalars,
+                DTYPE=TRITON_DTYPES[params[0].dtype],
+                ALIGNED_16=table.aligned,
+                CHUNK_SIZE=CHUNK_SIZE,
+                **flags,
+            )
+        return
+    for i, param in enumerate(params):
+        numel = param.numel()
+        if numel == 0:
+            continue
+        tensors = [None if lst is None else lst[i] for lst in lists]
+        tensors += [extra[i] for extra in extra_per_tensor]
+        tensor_kernel[(triton.cdiv(numel, flags["BLOCK_SIZE"]),)](
+            *tensors, numel, **scalars, **flags
+        )
+
+
 def check_scalar_tensor(op: str, name: str, t: Tensor, device: torch.device) -> None:
     """A 1-element floating-point tensor on `device` (lr, grad_scale, found_inf)."""
     if not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point():

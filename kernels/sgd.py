@@ -21,16 +21,14 @@ from torch import Tensor
 
 from .multi_tensor import (
     BLOCK_SIZES,
-    CHUNK_SIZE,
-    TRITON_DTYPES,
     check_amp_scalars,
     check_lengths,
     check_tensor_lists,
     keep_mask,
+    launch,
     load_lr,
     program_chunk,
     table_pointer,
-    tables,
 )
 
 
@@ -283,11 +281,7 @@ def sgd(
     _check_inputs(params, grads, momentum_buffers, lr, momentum, grad_scale, found_inf)
     if not params:
         return
-    device = params[0].device
-    dtype = params[0].dtype
-    block_size = BLOCK_SIZES[dtype]
-    if multi_tensor is None:
-        multi_tensor = device.type == "cuda"
+    block_size = BLOCK_SIZES[params[0].dtype]
     has_momentum = momentum != 0
     scalars = dict(
         lr=lr,
@@ -308,28 +302,6 @@ def sgd(
         BLOCK_SIZE=block_size,
     )
 
-    if multi_tensor:
-        table = tables([params, grads, momentum_buffers if has_momentum else None])
-        if table is not None:
-            _sgd_multi_tensor_kernel[(table.num_programs,)](
-                table.tensor_table,
-                table.block_table,
-                **scalars,
-                DTYPE=TRITON_DTYPES[dtype],
-                ALIGNED_16=table.aligned,
-                CHUNK_SIZE=CHUNK_SIZE,
-                **flags,
-            )
-    else:
-        for i, param in enumerate(params):
-            numel = param.numel()
-            if numel == 0:
-                continue
-            _sgd_tensor_kernel[(triton.cdiv(numel, block_size),)](
-                param,
-                grads[i],
-                momentum_buffers[i] if has_momentum else None,
-                numel,
-                **scalars,
-                **flags,
-            )
+    launch(_sgd_tensor_kernel, _sgd_multi_tensor_kernel,
+           [params, grads, momentum_buffers if has_momentum else None],
+           multi_tensor=multi_tensor, scalars=scalars, flags=flags)

@@ -88,26 +88,6 @@ def test_cpp_op_checks_its_inputs():
                                  **kwargs)
 
 
-@pytest.mark.interpret
-@pytest.mark.skipif(not fusedopt.backends()["triton_interpreter"]["available"],
-                    reason=fusedopt.backends()["triton_interpreter"]["reason"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_triton_multi_tensor_path_matches_reference(dtype):
-    """The GPU path (one launch over address tables), run in the interpreter where it can."""
-    from fusedopt.kernels import adam as triton_adam
-
-    ours = tuple([t.to(dtype) if k < 5 else t for t in lst]
-                 for k, lst in enumerate(adam_inputs(amsgrad=True, sizes=(3, 65537, 0, 41))))
-    ref = tuple([t.clone() for t in lst] for lst in ours)
-    amp = dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
-    triton_adam.adam(*ours, lr=1e-2, amsgrad=True, **HYPER, **amp, multi_tensor=True)
-    reference.adam(*ref, lr=1e-2, amsgrad=True, **HYPER, **amp)
-    tol = 1e-6 if dtype == torch.float32 else 1e-3
-    for got_list, want_list in zip(ours, ref):
-        for got, want in zip(got_list, want_list):
-            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-
-
 def lion_sgd_inputs(algorithm: str, sizes=(1, 41, 4097)):
     generator = torch.Generator().manual_seed(8)
     return tuple([torch.randn(n, generator=generator) + 0.3 for n in sizes] for _ in range(3))
@@ -144,3 +124,35 @@ def test_lion_sgd_contract_unscale_and_skip(algorithm, hyper, found, backend):
             torch.testing.assert_close(got, old if found else want, atol=1e-6, rtol=1e-5)
     if not found:
         torch.testing.assert_close(ours[1][0], before[1][0] / 8.0)
+
+
+def multi_tensor_case(algorithm: str, dtype: torch.dtype):
+    """(tensor lists in dtype, hyperparameters) with a chunk boundary (65537) and a zero size."""
+    sizes = (3, 65537, 0, 41)
+    if algorithm == "adam":
+        lists = adam_inputs(amsgrad=True, sizes=sizes)
+        return tuple([t.to(dtype) if k < 5 else t for t in lst] for k, lst in enumerate(lists)), \
+            dict(amsgrad=True, **HYPER)
+    lists = tuple([t.to(dtype) for t in lst] for lst in lion_sgd_inputs(algorithm, sizes))
+    return lists, dict(OTHER_ALGORITHMS)[algorithm]
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not fusedopt.backends()["triton_interpreter"]["available"],
+                    reason=fusedopt.backends()["triton_interpreter"]["reason"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("algorithm", ["adam", "lion", "sgd"])
+def test_triton_multi_tensor_path_matches_reference(algorithm, dtype):
+    """The GPU path (one launch over address tables), run in the interpreter."""
+    import importlib
+
+    kernel = getattr(importlib.import_module(f"fusedopt.kernels.{algorithm}"), algorithm)
+    ours, hyper = multi_tensor_case(algorithm, dtype)
+    ref = tuple([t.clone() for t in lst] for lst in ours)
+    amp = dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
+    kernel(*ours, lr=1e-2, **hyper, **amp, multi_tensor=True)
+    getattr(reference, algorithm)(*ref, lr=1e-2, **hyper, **amp)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    for got_list, want_list in zip(ours, ref):
+        for got, want in zip(got_list, want_list):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)

@@ -3,7 +3,7 @@ keyword, GradScaler support inside the step, and `step` tensors on the params' d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -48,6 +48,14 @@ class FusedOptimizer(Optimizer):
             if value.dtype == torch.float32:
                 return value
         return torch.as_tensor(value, dtype=torch.float32).to(param.device).reshape(())
+
+    @staticmethod
+    def _evaluate(closure: Callable[[], float] | None) -> float | None:
+        """The loss from `closure` (with grad enabled inside step's no_grad), or None."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _amp_args(self) -> dict[str, Tensor | None]:
         return {"grad_scale": getattr(self, "grad_scale", None),

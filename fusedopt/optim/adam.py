@@ -129,10 +129,7 @@ class Adam(FusedOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         amp = self._amp_args()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]

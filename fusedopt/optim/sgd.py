@@ -103,10 +103,7 @@ class SGD(FusedOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         amp = self._amp_args()
         for group in self.param_groups:
             for (_, _, first_step), lists in self._init_group(group).items():
