@@ -40,6 +40,23 @@ TORCH_LIBRARY(fusedopt, m) {
       "sgd_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, "
       "Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // LayerNorm (rms=false) or RMSNorm (rms=true) over the last dimension of a contiguous 2-D x
+  // (rows, N), optionally after a fused residual add (math: fusedopt/reference.py::layer_norm,
+  // rms_norm). Returns y (x's dtype); residual_out = x + residual (fp32 if residual_in_fp32, else
+  // x's dtype; 0 elements without a residual); mean (fp32 (rows,), 0 elements for RMSNorm) and
+  // rstd (fp32 (rows,)), saved for the backward pass. zero_centered_weight: y = x_hat * (1 + w).
+  m.def(
+      "norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms, "
+      "bool zero_centered_weight, bool residual_in_fp32) -> (Tensor y, Tensor residual_out, "
+      "Tensor mean, Tensor rstd)");
+  // The backward of norm_fwd, recomputed from x (the normalized input: residual_out when there
+  // was a residual) and the saved mean / rstd. dresidual_out, the grad reaching residual_out, is
+  // added to dx. Returns dx (x's dtype), dweight and dbias (their params' dtypes; 0 elements when
+  // absent), the latter two reduced over rows in fp32, deterministically.
+  m.def(
+      "norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor x, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor rstd, bool rms, bool zero_centered_weight) -> (Tensor dx, "
+      "Tensor dweight, Tensor dbias)");
   // Memory-bandwidth probe with an optimizer's access pattern: out[k] += src for every k,
   // split over threads exactly like the optimizer kernels. With three outs it moves 28 B/element,
   // the bytes of an fp32 AdamW step, so the two are directly comparable.

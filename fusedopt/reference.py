@@ -182,3 +182,72 @@ def sgd(
             store(momentum_buffers[i], buf)
             grad = grad + momentum * buf if nesterov else buf
         store(param, p - lr * grad)
+
+
+def _norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    rms: bool,
+    residual: Tensor | None,
+    residual_in_fp32: bool,
+    zero_centered_weight: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm / RMSNorm over the last dimension, in fp32, differentiable by autograd."""
+    out_dtype = x.dtype
+    residual_out = None
+    if residual is not None:
+        residual_out = x.float() + residual.float()
+        x = residual_out
+        residual_out = residual_out if residual_in_fp32 else residual_out.to(out_dtype)
+    h = x.float()
+    if rms:
+        x_hat = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        mean = h.mean(-1, keepdim=True)
+        var = (h - mean).pow(2).mean(-1, keepdim=True)
+        x_hat = (h - mean) * torch.rsqrt(var + eps)
+    y = x_hat
+    if weight is not None:
+        y = y * (1 + weight.float() if zero_centered_weight else weight.float())
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(out_dtype)
+    return y if residual_out is None else (y, residual_out)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    residual: Tensor | None = None,
+    residual_in_fp32: bool = False,
+    zero_centered_weight: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the last dimension of x (flatten normalized_shape into it first):
+
+        s = x + residual                  (when a residual is given; returned too)
+        y = (s - mean(s)) / sqrt(var(s) + eps) * w + b       (w = 1 + weight if zero-centered)
+
+    Statistics in fp32; y in x's dtype; s in fp32 if residual_in_fp32, else x's dtype."""
+    return _norm(x, weight, bias, eps, rms=False, residual=residual,
+                 residual_in_fp32=residual_in_fp32, zero_centered_weight=zero_centered_weight)
+
+
+def rms_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    *,
+    residual: Tensor | None = None,
+    residual_in_fp32: bool = False,
+    zero_centered_weight: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm over the last dimension of x: y = s / sqrt(mean(s^2) + eps) * w, with s and w as
+    in layer_norm."""
+    return _norm(x, weight, None, eps, rms=True, residual=residual,
+                 residual_in_fp32=residual_in_fp32, zero_centered_weight=zero_centered_weight)
