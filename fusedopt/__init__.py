@@ -4,9 +4,11 @@ Change one import line (torch.optim.AdamW -> fusedopt.AdamW) and keep the same n
 errors. Importing never fails: fusedopt.backends() says which kernels are usable here and why not.
 """
 
-from fusedopt import functional, reference
+from fusedopt import functional, nn, reference
 from fusedopt._backends import backends
+from fusedopt.nn import LayerNorm, RMSNorm
 from fusedopt.optim import SGD, Adam, AdamW, Lion
 
 __version__ = "0.1.0"
-__all__ = ["Adam", "AdamW", "Lion", "SGD", "backends", "functional", "reference"]
+__all__ = ["SGD", "Adam", "AdamW", "LayerNorm", "Lion", "RMSNorm", "backends", "functional", "nn",
+           "reference"]

@@ -15,12 +15,18 @@ except ImportError as error:  # the extension was not built here; the reference 
 LOADED = LOAD_ERROR is None
 
 
+def defined(op: str) -> bool:
+    """Whether the loaded extension defines fusedopt::op (a stale build may lack newer ops)."""
+    return LOADED and hasattr(torch.ops.fusedopt, op)
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered an implementation of `op` for this dispatch key."""
-    return LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+    return defined(op.split("::")[-1]) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        op, dispatch_key)
 
 
-if LOADED:
+if defined("adam_"):
 
     @torch.library.register_fake("fusedopt::adam_")
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
@@ -32,6 +38,9 @@ if LOADED:
     ):
         return None
 
+
+if defined("lion_"):
+
     @torch.library.register_fake("fusedopt::lion_")
     def _lion_fake(params, grads, exp_avgs, **kwargs):
         return None
@@ -40,6 +49,9 @@ if LOADED:
     def _lion_tensor_lr_fake(params, grads, exp_avgs, **kwargs):
         return None
 
+
+if defined("sgd_"):
+
     @torch.library.register_fake("fusedopt::sgd_")
     def _sgd_fake(params, grads, momentum_buffers, **kwargs):
         return None
@@ -47,6 +59,53 @@ if LOADED:
     @torch.library.register_fake("fusedopt::sgd_.tensor_lr")
     def _sgd_tensor_lr_fake(params, grads, momentum_buffers, **kwargs):
         return None
+
+
+if defined("norm_fwd"):
+
+    @torch.library.register_fake("fusedopt::norm_fwd")
+    def _norm_fwd_fake(x, residual, weight, bias, eps, rms, zero_centered_weight,
+                       residual_in_fp32):
+        rows = x.shape[0]
+        residual_dtype = torch.float32 if residual_in_fp32 else x.dtype
+        residual_out = (x.new_empty(x.shape, dtype=residual_dtype) if residual is not None
+                        else x.new_empty(0))
+        mean = x.new_empty(0 if rms else rows, dtype=torch.float32)
+        return x.new_empty(x.shape), residual_out, mean, x.new_empty(rows, dtype=torch.float32)
+
+    @torch.library.register_fake("fusedopt::norm_bwd")
+    def _norm_bwd_fake(dy, dresidual_out, x, weight, bias, mean, rstd, rms,
+                       zero_centered_weight):
+        def like(t):
+            return x.new_empty(0) if t is None else torch.empty_like(t)
+
+        return torch.empty_like(x), like(weight), like(bias)
+
+    def _norm_setup_context(ctx, inputs, output):
+        x, residual, weight, bias, eps, rms, zero_centered_weight, residual_in_fp32 = inputs
+        _, residual_out, mean, rstd = output
+        normalized_input = residual_out if residual is not None else x
+        ctx.save_for_backward(normalized_input, weight, bias, mean, rstd)
+        ctx.flags = (rms, zero_centered_weight)
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+
+    def _norm_backward(ctx, dy, dresidual_out, dmean, drstd):
+        normalized_input, weight, bias, mean, rstd = ctx.saved_tensors
+        rms, zero_centered_weight = ctx.flags
+        x_dtype, residual_dtype = ctx.dtypes
+        dx, dweight, dbias = torch.ops.fusedopt.norm_bwd(
+            dy.contiguous(), None if residual_dtype is None else dresidual_out,
+            normalized_input, weight, bias, mean, rstd, rms, zero_centered_weight)
+        # s = x + residual: both receive ds, each in its own dtype.
+        dresidual = None if residual_dtype is None else dx.to(residual_dtype)
+        return (dx.to(x_dtype), dresidual, None if weight is None else dweight,
+                None if bias is None else dbias, None, None, None, None)
+
+    torch.library.register_autograd("fusedopt::norm_fwd", _norm_backward,
+                                    setup_context=_norm_setup_context)
+
+
+if defined("stream_rmw_"):
 
     @torch.library.register_fake("fusedopt::stream_rmw_")
     def _stream_rmw_fake(outs, src):

@@ -5,11 +5,12 @@ the kernel. The math of each function is the same-named function in fusedopt.ref
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 from torch import Tensor
 
-from fusedopt import _backends, reference
+from fusedopt import _backends, _ops, reference
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
@@ -131,3 +132,100 @@ def sgd(
           momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
           maximize=maximize, is_first_step=is_first_step, grad_scale=grad_scale,
           found_inf=found_inf)
+
+
+def _norm(
+    x: Tensor,
+    normalized_shape: list[int] | tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    rms: bool,
+    residual: Tensor | None,
+    residual_in_fp32: bool,
+    zero_centered_weight: bool,
+    backend: str,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm / RMSNorm over the trailing `normalized_shape` dims, flattened into one."""
+    normalized_shape = tuple(normalized_shape)
+    dims = len(normalized_shape)
+    fits = all(t is None or tuple(t.shape[t.dim() - dims:]) == normalized_shape
+               for t in (x, weight, bias, residual))
+    if not fits or x.dim() < dims or (residual is not None and residual.shape != x.shape):
+        _raise_torch_shape_error(x, normalized_shape, weight, bias, eps, rms)
+    name = _backends.resolve(backend, x.device)
+    if name == "triton" and x.device.type != "cuda":
+        raise RuntimeError("fusedopt: the Triton norm kernels run on CUDA tensors (in Triton's "
+                           "interpreter, call fusedopt.kernels.norm directly)")
+    n = math.prod(normalized_shape)
+    flat = (lambda t: None if t is None else t.reshape(-1, n))
+    if name == "reference" or not _ops_have("norm_fwd", x.device):
+        out = reference._norm(flat(x), flat(weight), flat(bias), eps, rms=rms,
+                              residual=flat(residual), residual_in_fp32=residual_in_fp32,
+                              zero_centered_weight=zero_centered_weight)
+        y, residual_out = out if residual is not None else (out, None)
+        y = y.reshape(x.shape)
+    else:
+        y, residual_out, _, _ = torch.ops.fusedopt.norm_fwd(
+            flat(x).contiguous(), None if residual is None else flat(residual).contiguous(),
+            None if weight is None else weight.reshape(n).contiguous(),
+            None if bias is None else bias.reshape(n).contiguous(),
+            eps, rms, zero_centered_weight, residual_in_fp32)
+        y = y.reshape(x.shape)
+    return y if residual is None else (y, residual_out.reshape(x.shape))
+
+
+def _ops_have(op: str, device: torch.device) -> bool:
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    return _ops.has_kernel(f"fusedopt::{op}", key)
+
+
+def _raise_torch_shape_error(x, normalized_shape, weight, bias, eps, rms) -> None:
+    """torch's own exception for a normalized_shape that does not fit x."""
+    if rms:
+        torch.nn.functional.rms_norm(x, list(normalized_shape), weight, eps)
+    else:
+        torch.nn.functional.layer_norm(x, list(normalized_shape), weight, bias, eps)
+    raise RuntimeError(f"fusedopt: normalized_shape {list(normalized_shape)} does not fit an "
+                       f"input of size {list(x.shape)} (or its weight, bias or residual)")
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: list[int] | tuple[int, ...],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    residual: Tensor | None = None,
+    residual_in_fp32: bool = False,
+    zero_centered_weight: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """torch.nn.functional.layer_norm, fused; see reference.layer_norm. With a residual, returns
+    (layer_norm(x + residual), x + residual) from one pass."""
+    return _norm(x, normalized_shape, weight, bias, eps, rms=False, residual=residual,
+                 residual_in_fp32=residual_in_fp32, zero_centered_weight=zero_centered_weight,
+                 backend=backend)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: list[int] | tuple[int, ...],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    residual: Tensor | None = None,
+    residual_in_fp32: bool = False,
+    zero_centered_weight: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """torch.nn.functional.rms_norm, fused; see reference.rms_norm. eps=None means
+    torch.finfo(x.dtype).eps, as torch. With a residual, returns (rms_norm(x + residual),
+    x + residual) from one pass."""
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    return _norm(x, normalized_shape, weight, None, eps, rms=True, residual=residual,
+                 residual_in_fp32=residual_in_fp32, zero_centered_weight=zero_centered_weight,
+                 backend=backend)

@@ -1,3 +1,5 @@
-"""Drop-in replacements for torch.nn normalization modules (LayerNorm, RMSNorm: planned)."""
+"""Drop-in replacements for torch.nn normalization modules."""
 
-__all__: list[str] = []
+from fusedopt.nn.norm import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

@@ -1,0 +1,212 @@
+"""fusedopt.LayerNorm / RMSNorm and the functional forms against torch.nn in fp64: outputs and
+every gradient, on every backend that runs here."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import functional
+
+# (atol, rtol) of outputs and grads against torch in fp64.
+NORM_TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+# (input shape, normalized_shape): odd sizes, 3-D / 4-D inputs, a 2-D normalized_shape, an empty
+# batch.
+SHAPES = [
+    ((7, 1), (1,)),
+    ((5, 3), (3,)),
+    ((4, 41), (41,)),
+    ((3, 2, 769), (769,)),
+    ((2, 4097), (4097,)),
+    ((2, 3, 5, 8), (8,)),
+    ((3, 4, 6), (4, 6)),
+    ((0, 16), (16,)),
+]
+
+
+def norm_backends() -> list:
+    has_cpp = fusedopt._ops.has_kernel("fusedopt::norm_fwd", "CPU")
+    return [pytest.param("reference", id="reference"),
+            pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(
+                not has_cpp, reason="the C++ norm kernels are not built here"))]
+
+
+def torch_norm(kind, x, shape, weight, bias, eps):
+    if kind == "rms":
+        return torch.nn.functional.rms_norm(x, shape, weight, eps)
+    return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
+
+
+def ours_norm(kind, x, shape, weight, bias, eps, backend, **kwargs):
+    if kind == "rms":
+        return functional.rms_norm(x, shape, weight, eps, backend=backend, **kwargs)
+    return functional.layer_norm(x, shape, weight, bias, eps, backend=backend, **kwargs)
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def check_against_torch(kind, x, shape, weight, bias, backend, residual=None, **kwargs):
+    """Forward and backward of fusedopt (x's dtype) against torch in fp64 on the same values."""
+    dtype = x.dtype
+    eps = 1e-5
+    inputs = [t for t in (x, weight, bias, residual) if t is not None]
+    ours_inputs = [leaf(t) for t in inputs]
+    ref_inputs = [leaf(t.double()) for t in inputs]
+
+    def unpack(ts):
+        it = iter(ts)
+        return [next(it) if t is not None else None for t in (x, weight, bias, residual)]
+
+    ox, ow, ob, orr = unpack(ours_inputs)
+    rx, rw, rb, rr = unpack(ref_inputs)
+    out = ours_norm(kind, ox, shape, ow, ob, eps, backend, residual=orr, **kwargs)
+    s_ref = rx if rr is None else rx + rr
+    if kwargs.get("zero_centered_weight"):
+        rw_eff = None if rw is None else 1 + rw
+    else:
+        rw_eff = rw
+    y_ref = torch_norm(kind, s_ref, shape, rw_eff, rb, eps)
+    y = out[0] if residual is not None else out
+    assert y.dtype == dtype and y.shape == x.shape
+    atol, rtol = NORM_TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
+    grad_y = torch.randn(y.shape, dtype=torch.float64)
+    loss, ref_loss = (y.double() * grad_y).sum(), (y_ref * grad_y).sum()
+    if residual is not None:
+        grad_s = torch.randn(x.shape, dtype=torch.float64)
+        torch.testing.assert_close(out[1].double(), s_ref, atol=atol, rtol=rtol)
+        loss = loss + (out[1].double() * grad_s).sum()
+        ref_loss = ref_loss + (s_ref * grad_s).sum()
+    loss.backward()
+    ref_loss.backward()
+    for ours_t, ref_t in zip(ours_inputs, ref_inputs):
+        assert ours_t.grad is not None and ours_t.grad.dtype == ours_t.dtype
+        # dweight / dbias sum over rows: scale the tolerance with the row count
+        rows = max(1, x.numel() // max(1, ours_t.numel()))
+        torch.testing.assert_close(ours_t.grad.double(), ref_t.grad,
+                                   atol=atol * (1 + rows ** 0.5), rtol=rtol * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("x_shape,shape", SHAPES, ids=[str(s[0]) for s in SHAPES])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_outputs_and_grads_match_torch(kind, x_shape, shape, backend, dtype):
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(x_shape, generator=generator) * 2 + 0.5).to(dtype)
+    weight = (torch.randn(shape, generator=generator) + 1).to(dtype)
+    bias = None if kind == "rms" else torch.randn(shape, generator=generator).to(dtype)
+    check_against_torch(kind, x, shape, weight, bias, backend)
+
+
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("options", [
+    {"residual": True},
+    {"residual": True, "residual_in_fp32": True},
+    {"zero_centered_weight": True},
+    {"no_weight": True},
+], ids=lambda o: ",".join(o))
+def test_residual_zero_centered_and_no_weight_match_torch(kind, options, backend):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 300, generator=generator) + 0.3
+    weight = None if options.get("no_weight") else torch.randn(300, generator=generator) * 0.1
+    bias = None if kind == "rms" or options.get("no_weight") else torch.randn(300)
+    residual = torch.randn(6, 300, generator=generator) if options.get("residual") else None
+    kwargs = {k: v for k, v in options.items()
+              if k in ("residual_in_fp32", "zero_centered_weight")}
+    check_against_torch(kind, x, (300,), weight, bias, backend, residual=residual, **kwargs)
+
+
+@pytest.mark.parametrize("backend", norm_backends())
+def test_non_contiguous_input_and_grad(backend):
+    base = torch.randn(64, 10) + 0.2
+    x = base.t()  # (10, 64), non-contiguous
+    weight = torch.randn(64)
+    check_against_torch("layer", x, (64,), weight, torch.randn(64), backend)
+    check_against_torch("rms", x, (64,), weight, None, backend)
+
+
+@pytest.mark.parametrize("module", ["LayerNorm", "RMSNorm"])
+def test_modules_load_torch_checkpoints_and_match_torch(module):
+    kwargs = {"eps": 1e-5} if module == "RMSNorm" else {}
+    theirs = getattr(torch.nn, module)([4, 6], **kwargs)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        if getattr(theirs, "bias", None) is not None:
+            theirs.bias.normal_()
+    ours = getattr(fusedopt, module)([4, 6], **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+    x = torch.randn(3, 5, 4, 6)
+    torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=2e-5)
+    fresh_ours, fresh_theirs = getattr(fusedopt, module)(8), getattr(torch.nn, module)(8)
+    assert fresh_ours.state_dict().keys() == fresh_theirs.state_dict().keys()
+    for a, b in zip(fresh_ours.state_dict().values(), fresh_theirs.state_dict().values()):
+        torch.testing.assert_close(a, b)  # same init
+
+
+def test_module_options_match_torch():
+    for ours, theirs in [(fusedopt.LayerNorm(5, elementwise_affine=False),
+                          torch.nn.LayerNorm(5, elementwise_affine=False)),
+                         (fusedopt.LayerNorm(5, bias=False), torch.nn.LayerNorm(5, bias=False)),
+                         (fusedopt.RMSNorm(5), torch.nn.RMSNorm(5)),
+                         (fusedopt.LayerNorm(5, dtype=torch.float64),
+                          torch.nn.LayerNorm(5, dtype=torch.float64))]:
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        x = torch.randn(4, 5, dtype=next(iter(theirs.state_dict().values()), torch.zeros(1)).dtype)
+        torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_shapes_torch_rejects_raise_torch_errors(kind):
+    x = torch.randn(3, 7)
+    with pytest.raises(RuntimeError) as theirs:
+        torch_norm(kind, x, (5,), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+        ours_norm(kind, x, (5,), None, None, 1e-5, "auto")
+
+
+needs_cpp_norm = pytest.mark.skipif(not fusedopt._ops.has_kernel("fusedopt::norm_fwd", "CPU"),
+                                    reason="the C++ norm kernels are not built here")
+
+
+@needs_cpp_norm
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck_norm_ops(rms, residual):
+    x = torch.randn(5, 33, requires_grad=True)
+    res = torch.randn(5, 33) if residual else None
+    weight = torch.randn(33, requires_grad=True)
+    bias = None if rms else torch.randn(33, requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedopt.norm_fwd.default,
+                          (x, res, weight, bias, 1e-5, rms, False, False))
+    y, residual_out, mean, rstd = torch.ops.fusedopt.norm_fwd(
+        x.detach(), res, weight.detach(), None if bias is None else bias.detach(), 1e-5, rms,
+        False, False)
+    torch.library.opcheck(torch.ops.fusedopt.norm_bwd.default,
+                          (torch.randn(5, 33), torch.randn(5, 33) if residual else None,
+                           residual_out if residual else x.detach(), weight.detach(),
+                           None if bias is None else bias.detach(), mean, rstd, rms, False))
+
+
+@needs_cpp_norm
+def test_compile_fullgraph_has_no_graph_breaks():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), fusedopt.LayerNorm(32), torch.nn.GELU(),
+                                torch.nn.Linear(32, 32), fusedopt.RMSNorm(32))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 16, requires_grad=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-6)
+    out.sum().backward()
+    assert x.grad is not None
