@@ -1,8 +1,11 @@
 """Loads the C++ extension, which registers the fusedopt ops (schemas in csrc/fusedopt.cpp), and
 gives each op its fake implementation, so torch.compile and torch.library.opcheck can trace them.
-Every op here mutates its inputs and returns nothing, so the fake has nothing to compute."""
+The optimizer ops mutate their inputs and return nothing, so their fakes compute nothing; the norm
+ops also get their autograd formula here, and on GPUs their Triton kernels."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -103,6 +106,13 @@ if defined("norm_fwd"):
 
     torch.library.register_autograd("fusedopt::norm_fwd", _norm_backward,
                                     setup_context=_norm_setup_context)
+
+    # On GPUs the norm ops run the Triton kernels (there are no CUDA C++ norm kernels).
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        from fusedopt.kernels import norm as _triton_norm
+
+        torch.library.register_kernel("fusedopt::norm_fwd", "cuda", _triton_norm.norm_fwd)
+        torch.library.register_kernel("fusedopt::norm_bwd", "cuda", _triton_norm.norm_bwd)
 
 
 if defined("stream_rmw_"):

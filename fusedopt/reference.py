@@ -199,9 +199,11 @@ def _norm(
     out_dtype = x.dtype
     residual_out = None
     if residual is not None:
+        # What is normalized is s as stored (rounded to its dtype), so that the backward pass,
+        # which recomputes from the stored s, differentiates exactly the forward.
         residual_out = x.float() + residual.float()
-        x = residual_out
         residual_out = residual_out if residual_in_fp32 else residual_out.to(out_dtype)
+        x = residual_out
     h = x.float()
     if rms:
         x_hat = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
