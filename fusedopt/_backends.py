@@ -25,10 +25,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
 def backends() -> dict[str, dict[str, object]]:
     """What is usable here: {name: {"available": bool, "reason": str}}; the reason says why not,
-    or what the backend runs on."""
+    or what the backend runs on. Probed once, at import (TRITON_INTERPRET must be set before)."""
+    return _REPORT
+
+
+def _probe() -> dict[str, dict[str, object]]:
     ext_error = _ops.LOAD_ERROR and f"the C++ extension fusedopt._C did not load ({_ops.LOAD_ERROR})"
     cuda_gpu = torch.cuda.is_available()
     report: dict[str, tuple[bool, str]] = {}
@@ -59,6 +62,9 @@ def backends() -> dict[str, dict[str, object]]:
         )
     report["reference"] = (True, "plain-torch math (fusedopt.reference), any device")
     return {name: {"available": ok, "reason": why} for name, (ok, why) in report.items()}
+
+
+_REPORT = _probe()  # a constant that torch.compile can trace through
 
 
 @functools.cache

@@ -160,7 +160,10 @@ def _norm(
                            "interpreter, call fusedopt.kernels.norm directly)")
     n = math.prod(normalized_shape)
     flat = (lambda t: None if t is None else t.reshape(-1, n))
-    if name == "reference" or not _ops_have("norm_fwd", x.device):
+    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if (name == "reference" or x.device.type not in _ops.NORM_DEVICES
+            or any(t is not None and t.dtype not in kernel_dtypes
+                   for t in (x, weight, bias, residual))):  # fp64: the reference computes it
         out = reference._norm(flat(x), flat(weight), flat(bias), eps, rms=rms,
                               residual=flat(residual), residual_in_fp32=residual_in_fp32,
                               zero_centered_weight=zero_centered_weight)
@@ -174,11 +177,6 @@ def _norm(
             eps, rms, zero_centered_weight, residual_in_fp32)
         y = y.reshape(x.shape)
     return y if residual is None else (y, residual_out.reshape(x.shape))
-
-
-def _ops_have(op: str, device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    return _ops.has_kernel(f"fusedopt::{op}", key)
 
 
 def _raise_torch_shape_error(x, normalized_shape, weight, bias, eps, rms) -> None:
