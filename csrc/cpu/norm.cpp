@@ -1,0 +1,790 @@
+// CPU LayerNorm / RMSNorm over the last dimension of a contiguous (rows, N) tensor, with an optional
+// fused residual add: the forward (norm_fwd) and its backward (norm_bwd). The math is
+// fusedopt/reference.py::_norm; the ops' contract is in csrc/fusedopt.cpp.
+//
+// Forward, one row at a time (rows split over threads), every pass after the first reading the
+// row from cache:
+//   s = x + residual, rounded to residual_out's dtype: the statistics and y are computed from the
+//   STORED value of s, exactly what the backward recomputes x_hat from, so forward and backward
+//   see the same input (with a bf16/fp16 residual_out this differs from normalizing the unrounded
+//   fp32 sum by s's rounding, below y's own rounding);
+//   mean = sum(s) / N, var = sum((s - mean)^2) / N (two passes; vector partial sums in fp32,
+//   folded into a double every kSumBlock elements);
+//   rstd = 1 / sqrt(var + eps) (RMSNorm: 1 / sqrt(sum(s^2) / N + eps));
+//   y = (s - mean) * rstd * w_eff + b, w_eff = 1 + weight when zero-centered.
+// Backward, one row at a time: x_hat = (x - mean) * rstd, wdy = dy * w_eff,
+//   dx = rstd * (wdy - mean(wdy) - x_hat * mean(wdy * x_hat)) + dresidual_out
+//   (RMSNorm: no mean(wdy) term); dweight = sum_rows dy * x_hat, dbias = sum_rows dy, summed in
+//   fp32 per group of kRowGroup rows, the groups per block of rows, then the blocks in a fixed
+//   order.
+//
+// No implicit fp contraction in this file: the backward computes wdy = dy * w in two passes, and a
+// product fused into an FMA in one pass but rounded in the other leaves rounding noise where
+// wdy - mean(wdy) cancels exactly (N = 1: dx must be 0), amplified by rstd. Explicit
+// at::vec::fmadd calls stay fused. Set before the includes, so inlined header code matches.
+#pragma GCC optimize("fp-contract=off")
+
+#include <torch/library.h>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <type_traits>
+
+#include "multi_tensor.h"
+
+namespace fusedopt::cpu {
+namespace {
+
+#define FUSEDOPT_INLINE __attribute__((always_inline)) inline
+
+// Vector partial sums are fp32; every kSumBlock elements they are folded into a double, so a row's
+// statistics lose no more than one short fp32 sum's precision whatever N is.
+constexpr int64_t kSumBlock = 2048;
+// Rows are handed to threads in runs of at least this many elements, so each thread gets many rows
+// and the fork/join pays off.
+constexpr int64_t kMinElementsPerTask = 65536;
+// Outputs larger than this are written with streaming (non-temporal) stores: no read-for-ownership
+// of the destination and no eviction of the rows being worked on. Measured here (2 cores, fp32):
+// a 128 MiB copy into reused memory takes 9.6 ms with ordinary stores and 6.4 ms streamed, while
+// up to 64 MiB the ordinary stores win once the output is read back (it is still in the
+// last-level cache). Into fresh pages (an allocator that returns large blocks to the OS) streaming
+// is much slower (47 against 33 ms): every first touch faults, the kernel zeroes the page through
+// the cache, and each streamed line must then be evicted first; see memory_is_fresh.
+constexpr int64_t kStreamingStoreBytes = int64_t{64} << 20;
+
+inline double hsum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  double total = 0.0;
+  for (int64_t k = 0; k < Vec::size(); ++k) total += lanes[k];
+  return total;
+}
+
+// Prefetches the cache lines of elements [0, count) at p: a row's last pass over the cached row
+// prefetches the next row, so its loads overlap this row's work (~10% faster forward and backward
+// here).
+template <typename scalar_t>
+FUSEDOPT_INLINE void prefetch_elements(const scalar_t* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+    __builtin_prefetch(bytes + b);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming stores
+
+// A streamed vector step must start at this byte alignment (one vector register).
+constexpr int64_t kStreamAlign = Vec::size() * sizeof(float);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kCanStream = true;
+#else
+constexpr bool kCanStream = false;
+#endif
+
+// Stores one full vector step (kVecStep elements) at a kStreamAlign-aligned dst, bypassing caches.
+template <typename scalar_t>
+FUSEDOPT_INLINE void stream_float(scalar_t* dst, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm512_stream_ps(dst, lo);
+    _mm512_stream_ps(dst + Vec::size(), hi);
+  } else {
+    const __m512i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_stream_ps(dst, lo);
+    _mm256_stream_ps(dst + Vec::size(), hi);
+  } else {
+    const __m256i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), packed);
+  }
+#else
+  store_float(dst, kVecStep, lo, hi);
+#endif
+}
+
+// Orders this thread's streaming stores before whatever follows (the end of a parallel task).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Whether the page holding p was never touched (not resident): a large output freshly mapped by the
+// allocator. One mincore call; the middle of an output is sampled, because an allocator's own
+// header may share the first page (and a neighbour's the last).
+inline bool memory_is_fresh(const void* p) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  unsigned char resident = 1;
+  if (mincore(reinterpret_cast<void*>(start), page, &resident) != 0) return false;
+  return (resident & 1) == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+inline bool should_stream(const at::Tensor& out) {
+  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
+  return kCanStream && bytes > kStreamingStoreBytes &&
+         !memory_is_fresh(static_cast<const char*>(out.const_data_ptr()) + bytes / 2);
+}
+
+// Elements before dst + head is kStreamAlign-aligned (at most n).
+template <typename scalar_t>
+inline int64_t stream_head(const scalar_t* dst, int64_t n) {
+  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % kStreamAlign);
+  return misaligned == 0 ? 0
+                         : std::min<int64_t>(n, (kStreamAlign - misaligned) / sizeof(scalar_t));
+}
+
+// Writes one row of n elements to dst: value(i, count, streamed, lo, hi) computes elements
+// [i, i + count) as fp32 (lo, hi), and they are stored in dst's dtype; `streamed` says that this
+// is a full step streamed to an aligned dst + i (a value function that writes a second output
+// may stream that one too). With stream, full steps after an unaligned head are streamed.
+template <typename scalar_t, typename ValueFn>
+FUSEDOPT_INLINE void write_row(scalar_t* dst, int64_t n, bool stream, const ValueFn& value) {
+  int64_t i = 0;
+  Vec lo, hi;
+  if (stream) {
+    const int64_t head = stream_head(dst, n);
+    if (head > 0) {
+      value(0, head, false, lo, hi);
+      store_float(dst, head, lo, hi);
+      i = head;
+    }
+    for (; i + kVecStep <= n; i += kVecStep) {
+      value(i, kVecStep, true, lo, hi);
+      stream_float(dst + i, lo, hi);
+    }
+  } else {
+    for (; i + kVecStep <= n; i += kVecStep) {
+      value(i, kVecStep, false, lo, hi);
+      store_float(dst + i, kVecStep, lo, hi);
+    }
+  }
+  if (i < n) {
+    value(i, n - i, false, lo, hi);
+    store_float(dst + i, n - i, lo, hi);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+// The row being normalized, s = x, loaded kVecStep (or count, zero-padded) elements at a time.
+template <typename x_t>
+struct PlainRow {
+  static constexpr bool kResidual = false;
+  const x_t* x;
+  FUSEDOPT_INLINE void load(int64_t i, int64_t count, Vec& lo, Vec& hi) const {
+    load_float(x + i, count, lo, hi);
+  }
+  // The same elements `offset` elements further (the next row).
+  FUSEDOPT_INLINE void prefetch(int64_t i, int64_t count, int64_t offset) const {
+    prefetch_elements(x + offset + i, count);
+  }
+};
+
+// s = x + residual, rounded to residual_out's dtype o_t (what residual_out holds); recomputed from
+// the cached x and residual rows in every pass, so residual_out is only written (streamed when
+// large) and never read back.
+template <typename x_t, typename r_t, typename o_t>
+struct ResidualRow {
+  static constexpr bool kResidual = true;
+  const x_t* x;
+  const r_t* residual;
+  FUSEDOPT_INLINE void prefetch(int64_t i, int64_t count, int64_t offset) const {
+    prefetch_elements(x + offset + i, count);
+    prefetch_elements(residual + offset + i, count);
+  }
+  FUSEDOPT_INLINE void load(int64_t i, int64_t count, Vec& lo, Vec& hi) const {
+    Vec r0, r1;
+    load_float(x + i, count, lo, hi);
+    load_float(residual + i, count, r0, r1);
+    lo = lo + r0;
+    hi = hi + r1;
+    if constexpr (!std::is_same_v<o_t, float>) {
+      std::tie(lo, hi) =
+          at::vec::convert_to_float<o_t>(at::vec::convert_from_float<o_t>(lo, hi));
+    }
+  }
+};
+
+// Zeroes the lanes of (lo, hi) at and past count (a row's tail step), which load_float pads with
+// zeros but which may be non-zero after a shift.
+FUSEDOPT_INLINE void zero_tail(int64_t count, Vec& lo, Vec& hi) {
+  if (count >= kVecStep) return;
+  lo = count >= Vec::size() ? lo : Vec::set(Vec(0.f), lo, count);
+  hi = count > Vec::size() ? Vec::set(Vec(0.f), hi, count - Vec::size()) : Vec(0.f);
+}
+
+// Over the row's n elements, with d = s - shift: sum(d^2), and sum(d) when kWithSum.
+template <bool kWithSum, typename Row>
+FUSEDOPT_INLINE std::pair<double, double> row_moments(const Row& row, int64_t n,
+                                                      float shift_value) {
+  const Vec shift(shift_value);
+  double sum = 0.0, sum_sq = 0.0;
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t block_end = std::min(n, i + kSumBlock);
+    // Two vector steps per iteration: independent accumulators hide the add latency.
+    Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f), q0(0.f), q1(0.f), q2(0.f), q3(0.f);
+    for (; i + 2 * kVecStep <= block_end; i += 2 * kVecStep) {
+      Vec v0, v1, v2, v3;
+      row.load(i, kVecStep, v0, v1);
+      row.load(i + kVecStep, kVecStep, v2, v3);
+      v0 = v0 - shift;
+      v1 = v1 - shift;
+      v2 = v2 - shift;
+      v3 = v3 - shift;
+      if constexpr (kWithSum) {
+        s0 = s0 + v0;
+        s1 = s1 + v1;
+        s2 = s2 + v2;
+        s3 = s3 + v3;
+      }
+      q0 = at::vec::fmadd(v0, v0, q0);
+      q1 = at::vec::fmadd(v1, v1, q1);
+      q2 = at::vec::fmadd(v2, v2, q2);
+      q3 = at::vec::fmadd(v3, v3, q3);
+    }
+    for (; i < block_end; i += kVecStep) {
+      const int64_t count = std::min(kVecStep, block_end - i);
+      Vec v0, v1;
+      row.load(i, count, v0, v1);
+      v0 = v0 - shift;
+      v1 = v1 - shift;
+      zero_tail(count, v0, v1);
+      if constexpr (kWithSum) {
+        s0 = s0 + v0;
+        s1 = s1 + v1;
+      }
+      q0 = at::vec::fmadd(v0, v0, q0);
+      q1 = at::vec::fmadd(v1, v1, q1);
+    }
+    if constexpr (kWithSum) sum += hsum((s0 + s1) + (s2 + s3));
+    sum_sq += hsum((q0 + q1) + (q2 + q3));
+  }
+  return {sum, sum_sq};
+}
+
+// LayerNorm's shift: the mean of the row's first vector step (lo, hi: count elements, zero-padded),
+// rounded to a multiple of 2^-11 times their magnitude. On that grid, s - shift and its short
+// partial sums stay exact for 16-bit data, where a shift with fine low bits (a 24-bit value, or
+// a small one near 0) gets rounded away the same way in every sum, a bias that showed as a few
+// ulps of error in the mean (fp16, N = 262144).
+inline float row_shift(const Vec& lo, const Vec& hi, int64_t count) {
+  alignas(64) float lanes[kVecStep];
+  lo.store(lanes);
+  hi.store(lanes + Vec::size());
+  double sum = 0.0, magnitude = 0.0;
+  for (int64_t k = 0; k < count; ++k) {
+    sum += lanes[k];
+    magnitude = std::max(magnitude, std::abs(static_cast<double>(lanes[k])));
+  }
+  if (!(magnitude > 0.0) || !std::isfinite(magnitude)) return 0.f;  // any shift works; NaN/inf
+  int exponent;
+  std::frexp(magnitude, &exponent);
+  const double grid = std::ldexp(1.0, exponent - 11);
+  return static_cast<float>(std::nearbyint(sum / count / grid) * grid);
+}
+
+// LayerNorm's one-pass shifted moments are used while (mean - shift)^2 <= this * var: the
+// cancellation in var = E[d^2] - E[d]^2 then costs at most a factor 1 + this in relative error
+// (fp32 sums), as good as the two-pass formula within a few ulps. Rarer rows (the shift, taken
+// from the first elements, far from the mean in units of the spread, or var ~ 0) take the second,
+// exact pass: var = mean((s - mean)^2), over the row in cache.
+constexpr double kMaxShiftedCancellation = 8.0;
+
+struct FwdArgs {
+  int64_t rows;
+  int64_t n;
+  float eps;
+  bool rms;
+  bool stream;     // stream y and residual_out
+  const float* w;  // w_eff in fp32 (1 + weight when zero-centered), or null
+  const float* b;  // bias in fp32, or null
+  float* mean;     // (rows,), or null for RMSNorm
+  float* rstd;     // (rows,)
+};
+
+// Statistics, y and residual_out (with a residual) of one row.
+template <bool kWeight, bool kBias, typename Row, typename x_t, typename o_t>
+FUSEDOPT_INLINE void forward_row(const FwdArgs& a, int64_t r, const Row& row, x_t* y,
+                                 o_t* residual_out) {
+  const int64_t n = a.n;
+  const double inv_n = 1.0 / static_cast<double>(n);
+  float mean_value = 0.f;
+  double second_moment;  // var, or mean(s^2) for RMSNorm
+  if (a.rms) {
+    second_moment = row_moments<false>(row, n, 0.f).second * inv_n;
+  } else {
+    // Shift by the mean of the first vector step (an estimate of the row's mean), then one pass.
+    Vec f0, f1;
+    const int64_t first = std::min(n, kVecStep);
+    row.load(0, first, f0, f1);
+    const float shift = row_shift(f0, f1, first);
+    const auto [sum, sum_sq] = row_moments<true>(row, n, shift);
+    const double mean_shifted = sum * inv_n;
+    const double var = sum_sq * inv_n - mean_shifted * mean_shifted;
+    mean_value = static_cast<float>(shift + mean_shifted);
+    if (mean_shifted * mean_shifted <= kMaxShiftedCancellation * var) {
+      second_moment = var;
+    } else {  // also when var <= 0 or NaN
+      second_moment = row_moments<false>(row, n, mean_value).second * inv_n;
+    }
+  }
+  const float rstd_value = static_cast<float>(1.0 / std::sqrt(second_moment + a.eps));
+  if (!a.rms) a.mean[r] = mean_value;
+  a.rstd[r] = rstd_value;
+
+  const Vec mean(mean_value), rstd(rstd_value);
+  const float* w = a.w;
+  const float* b = a.b;
+  // residual_out is streamed along with y when its full steps are aligned where y's are (always
+  // when both have one dtype; with an fp32 residual_out and a 16-bit y, when N % 32 == 0).
+  bool stream_residual = false;
+  if constexpr (Row::kResidual) {
+    stream_residual = a.stream && reinterpret_cast<uintptr_t>(residual_out + stream_head(y, n)) %
+                                          kStreamAlign == 0;
+  }
+  const bool prefetch_next = r + 1 < a.rows;
+  write_row(y, n, a.stream, [&](int64_t i, int64_t count, bool streamed, Vec& v0, Vec& v1) {
+    if (prefetch_next) row.prefetch(i, count, n);
+    row.load(i, count, v0, v1);
+    if constexpr (Row::kResidual) {
+      if (streamed && stream_residual) {
+        stream_float(residual_out + i, v0, v1);
+      } else {
+        store_float(residual_out + i, count, v0, v1);
+      }
+    }
+    v0 = (v0 - mean) * rstd;
+    v1 = (v1 - mean) * rstd;
+    if constexpr (kWeight) {
+      Vec w0, w1;
+      load_float(w + i, count, w0, w1);
+      if constexpr (kBias) {
+        Vec b0, b1;
+        load_float(b + i, count, b0, b1);
+        v0 = at::vec::fmadd(v0, w0, b0);
+        v1 = at::vec::fmadd(v1, w1, b1);
+      } else {
+        v0 = v0 * w0;
+        v1 = v1 * w1;
+      }
+    } else if constexpr (kBias) {
+      Vec b0, b1;
+      load_float(b + i, count, b0, b1);
+      v0 = v0 + b0;
+      v1 = v1 + b1;
+    }
+  });
+}
+
+// Rows per parallel task: at least kMinElementsPerTask elements each.
+inline int64_t row_grain(int64_t n) {
+  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(n, 1));
+}
+
+// residual: null without one (r_t, o_t are then unused).
+template <typename x_t, typename r_t, typename o_t>
+void norm_fwd_typed(const FwdArgs& a, const x_t* x, const r_t* residual, o_t* residual_out,
+                    x_t* y) {
+  auto run = [&](auto weight_tag, auto bias_tag) {
+    constexpr bool kWeight = decltype(weight_tag)::value;
+    constexpr bool kBias = decltype(bias_tag)::value;
+    at::parallel_for(0, a.rows, row_grain(a.n), [&](int64_t begin, int64_t end) {
+      const int64_t n = a.n;
+      for (int64_t r = begin; r < end; ++r) {
+        if (residual != nullptr) {
+          const ResidualRow<x_t, r_t, o_t> row{x + r * n, residual + r * n};
+          forward_row<kWeight, kBias>(a, r, row, y + r * n, residual_out + r * n);
+        } else {
+          forward_row<kWeight, kBias>(a, r, PlainRow<x_t>{x + r * n}, y + r * n,
+                                      static_cast<o_t*>(nullptr));
+        }
+      }
+      if (a.stream) stream_fence();
+    });
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  if (a.w != nullptr) {
+    a.b != nullptr ? run(T{}, T{}) : run(T{}, F{});
+  } else {
+    a.b != nullptr ? run(F{}, T{}) : run(F{}, F{});
+  }
+}
+
+inline bool is_norm_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Checks an optional weight / bias of a norm over rows of n elements; returns it as a contiguous
+// fp32 tensor (1 + weight when zero-centered, as the reference computes it), or an undefined
+// tensor when absent.
+at::Tensor affine_as_float(const char* op, const std::optional<at::Tensor>& param, const char* name,
+                           int64_t n, bool add_one) {
+  if (!param.has_value()) return at::Tensor();
+  const at::Tensor& p = *param;
+  TORCH_CHECK(p.device().is_cpu(), "fusedopt.", op, " (cpu): ", name, " is on ", p.device(),
+              ", expected cpu like x");
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == n, "fusedopt.", op, " (cpu): ", name,
+              " must have shape (", n, ",) (the size of x's last dimension), got ", p.sizes());
+  TORCH_CHECK(is_norm_dtype(p.scalar_type()), "fusedopt.", op, " (cpu): ", name,
+              " must be float32, bfloat16 or float16, got ", p.scalar_type());
+  at::Tensor f = p.to(at::kFloat).contiguous();
+  return add_one ? f + 1 : f;
+}
+
+void check_rows(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedopt.", op, " (cpu): ", name, " is on ", t.device(),
+              ", expected cpu");
+  TORCH_CHECK(t.dim() == 2, "fusedopt.", op, " (cpu): ", name,
+              " must be 2-D (rows, N) (flatten the leading dimensions first), got shape ",
+              t.sizes());
+  TORCH_CHECK(is_norm_dtype(t.scalar_type()), "fusedopt.", op, " (cpu): ", name,
+              " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "fusedopt.", op, " (cpu): ", name,
+              " must be contiguous (call .contiguous() first), got strides ", t.strides());
+}
+
+// Calls fn(tag) with a value of type float when is_float, else of type scalar_t.
+template <typename scalar_t, typename Fn>
+void with_float_or(bool is_float, const Fn& fn) {
+  if (is_float || std::is_same_v<scalar_t, float>) {
+    fn(float{});
+  } else {
+    fn(scalar_t{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool rms, bool zero_centered_weight, bool residual_in_fp32) {
+  check_rows("norm_fwd", x, "x");
+  const int64_t rows = x.size(0);
+  const int64_t n = x.size(1);
+  TORCH_CHECK(!(rms && bias.has_value()),
+              "fusedopt.norm_fwd (cpu): RMSNorm (rms=True) takes no bias; pass bias=None");
+  if (residual.has_value()) {
+    check_rows("norm_fwd", *residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "fusedopt.norm_fwd (cpu): residual has shape ",
+                residual->sizes(), ", expected ", x.sizes(), " like x");
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type() ||
+                    residual->scalar_type() == at::kFloat,
+                "fusedopt.norm_fwd (cpu): residual must have x's dtype (", x.scalar_type(),
+                ") or float32, got ", residual->scalar_type());
+  }
+  const at::Tensor w = affine_as_float("norm_fwd", weight, "weight", n, zero_centered_weight);
+  const at::Tensor b = affine_as_float("norm_fwd", bias, "bias", n, false);
+
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  at::Tensor y = at::empty({rows, n}, x.options());
+  at::Tensor residual_out =
+      residual.has_value()
+          ? at::empty({rows, n}, x.options().dtype(residual_in_fp32 ? at::kFloat : x.scalar_type()))
+          : at::empty({0}, x.options());
+  at::Tensor mean = at::empty({rms ? 0 : rows}, f32);
+  at::Tensor rstd = at::empty({rows}, f32);
+  if (rows == 0) return {y, residual_out, mean, rstd};
+
+  const FwdArgs args{rows,
+                     n,
+                     static_cast<float>(eps),
+                     rms,
+                     should_stream(y),
+                     w.defined() ? w.const_data_ptr<float>() : nullptr,
+                     b.defined() ? b.const_data_ptr<float>() : nullptr,
+                     rms ? nullptr : mean.data_ptr<float>(),
+                     rstd.data_ptr<float>()};
+  FUSEDOPT_DISPATCH_PARAM_TYPES(x.scalar_type(), "fusedopt_norm_fwd", [&] {
+    using x_t = scalar_t;
+    if (!residual.has_value()) {
+      norm_fwd_typed<x_t, x_t, x_t>(args, x.const_data_ptr<x_t>(), nullptr, nullptr,
+                                    y.data_ptr<x_t>());
+      return;
+    }
+    with_float_or<x_t>(residual->scalar_type() == at::kFloat, [&](auto r_tag) {
+      using r_t = decltype(r_tag);
+      with_float_or<x_t>(residual_in_fp32, [&](auto o_tag) {
+        using o_t = decltype(o_tag);
+        norm_fwd_typed<x_t, r_t, o_t>(args, x.const_data_ptr<x_t>(),
+                                      residual->const_data_ptr<r_t>(),
+                                      residual_out.data_ptr<o_t>(), y.data_ptr<x_t>());
+      });
+    });
+  });
+  return {y, residual_out, mean, rstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+struct BwdArgs {
+  int64_t rows;
+  int64_t n;
+  bool rms;
+  bool stream;         // stream dx
+  const float* w;      // w_eff in fp32, or null
+  const float* mean;   // (rows,), or null for RMSNorm
+  const float* rstd;   // (rows,)
+};
+
+// One row of the backward. dweight_acc / dbias_acc: the row group's fp32 partial sums (or null).
+template <bool kWeight, typename x_t, typename dy_t>
+FUSEDOPT_INLINE void backward_row(const BwdArgs& a, int64_t row, const x_t* x, const dy_t* dy,
+                                  const x_t* dres, x_t* dx, float* dweight_acc, float* dbias_acc) {
+  const int64_t n = a.n;
+  const float* w = a.w;
+  const Vec mean(a.rms ? 0.f : a.mean[row]), rstd(a.rstd[row]);
+
+  // Pass 1: the row's sums of wdy and wdy * x_hat; the per-column partial sums of dy * x_hat and
+  // dy. Zero-padded dy makes every padded lane contribute nothing.
+  double sum_wdy = 0.0, sum_wdy_xhat = 0.0;
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t block_end = std::min(n, i + kSumBlock);
+    Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
+    for (; i < block_end; i += kVecStep) {
+      const int64_t count = std::min(kVecStep, block_end - i);
+      Vec x0, x1, g0, g1;
+      load_float(x + i, count, x0, x1);
+      load_float(dy + i, count, g0, g1);
+      x0 = (x0 - mean) * rstd;
+      x1 = (x1 - mean) * rstd;
+      Vec wg0 = g0, wg1 = g1;
+      if constexpr (kWeight) {
+        Vec w0, w1;
+        load_float(w + i, count, w0, w1);
+        wg0 = g0 * w0;
+        wg1 = g1 * w1;
+      }
+      s0 = s0 + wg0;
+      s1 = s1 + wg1;
+      t0 = at::vec::fmadd(wg0, x0, t0);
+      t1 = at::vec::fmadd(wg1, x1, t1);
+      if (dweight_acc != nullptr) {
+        Vec p0, p1;
+        load_float(dweight_acc + i, count, p0, p1);
+        store_float(dweight_acc + i, count, at::vec::fmadd(g0, x0, p0),
+                    at::vec::fmadd(g1, x1, p1));
+      }
+      if (dbias_acc != nullptr) {
+        Vec p0, p1;
+        load_float(dbias_acc + i, count, p0, p1);
+        store_float(dbias_acc + i, count, p0 + g0, p1 + g1);
+      }
+    }
+    sum_wdy += hsum(s0 + s1);
+    sum_wdy_xhat += hsum(t0 + t1);
+  }
+  const Vec mean_wdy(a.rms ? 0.f : static_cast<float>(sum_wdy / static_cast<double>(n)));
+  const Vec mean_wdy_xhat(static_cast<float>(sum_wdy_xhat / static_cast<double>(n)));
+
+  // Pass 2 (the row is in cache): dx = rstd * (wdy - mean(wdy) - x_hat * mean(wdy * x_hat)).
+  const bool prefetch_next = row + 1 < a.rows;
+  write_row(dx, n, a.stream, [&](int64_t j, int64_t count, bool, Vec& d0, Vec& d1) {
+    if (prefetch_next) {
+      prefetch_elements(x + n + j, count);
+      prefetch_elements(dy + n + j, count);
+      if (dres != nullptr) prefetch_elements(dres + n + j, count);
+    }
+    Vec x0, x1, g0, g1;
+    load_float(x + j, count, x0, x1);
+    load_float(dy + j, count, g0, g1);
+    x0 = (x0 - mean) * rstd;
+    x1 = (x1 - mean) * rstd;
+    if constexpr (kWeight) {
+      Vec w0, w1;
+      load_float(w + j, count, w0, w1);
+      g0 = g0 * w0;
+      g1 = g1 * w1;
+    }
+    d0 = (g0 - mean_wdy - x0 * mean_wdy_xhat) * rstd;
+    d1 = (g1 - mean_wdy - x1 * mean_wdy_xhat) * rstd;
+    if (dres != nullptr) {
+      Vec r0, r1;
+      load_float(dres + j, count, r0, r1);
+      d0 = d0 + r0;
+      d1 = d1 + r1;
+    }
+  });
+}
+
+// dweight / dbias are summed over rows in two levels, each in fp32: the rows of a group into one
+// buffer, the groups of a block of rows into another. A plain running sum over a block's thousands
+// of rows would carry that many roundings (relative errors ~1e-6 in fp32 with 300 rows already);
+// this carries ~kRowGroup + rows / kRowGroup, for one extra pass over N per group.
+constexpr int64_t kRowGroup = 32;
+
+// total += group; group = 0 (n elements each).
+inline void fold_group(float* total, float* group, int64_t n) {
+  for_each_vector(0, n, [](int64_t) {}, [&](int64_t j, int64_t count) {
+    Vec t0, t1, g0, g1;
+    load_float(total + j, count, t0, t1);
+    load_float(group + j, count, g0, g1);
+    store_float(total + j, count, t0 + g0, t1 + g1);
+    store_float(group + j, count, Vec(0.f), Vec(0.f));
+  });
+}
+
+// Writes out[j] = sum over blocks of partial[block * stride + j], blocks in order, in out's dtype.
+void reduce_partials(const float* partial, int64_t stride, int64_t blocks, int64_t n,
+                     const at::Tensor& out) {
+  FUSEDOPT_DISPATCH_PARAM_TYPES(out.scalar_type(), "fusedopt_norm_bwd_reduce", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, kMinElementsPerTask / blocks),
+                     [&](int64_t begin, int64_t end) {
+      for_each_vector(begin, end, [](int64_t) {}, [&](int64_t j, int64_t count) {
+        Vec s0(0.f), s1(0.f);
+        for (int64_t k = 0; k < blocks; ++k) {
+          Vec p0, p1;
+          load_float(partial + k * stride + j, count, p0, p1);
+          s0 = s0 + p0;
+          s1 = s1 + p1;
+        }
+        store_float(dst + j, count, s0, s1);
+      });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
+    const at::Tensor& dy, const std::optional<at::Tensor>& dresidual_out, const at::Tensor& x,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean, const at::Tensor& rstd, bool rms, bool zero_centered_weight) {
+  check_rows("norm_bwd", x, "x");
+  check_rows("norm_bwd", dy, "dy");
+  const int64_t rows = x.size(0);
+  const int64_t n = x.size(1);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "fusedopt.norm_bwd (cpu): dy has shape ", dy.sizes(),
+              ", expected ", x.sizes(), " like x");
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() || x.scalar_type() == at::kFloat,
+              "fusedopt.norm_bwd (cpu): dy must have x's dtype (", x.scalar_type(),
+              "), or x must be float32 (a residual_out kept in fp32); got dy ", dy.scalar_type());
+  TORCH_CHECK(!(rms && bias.has_value()),
+              "fusedopt.norm_bwd (cpu): RMSNorm (rms=True) takes no bias; pass bias=None");
+  at::Tensor dres;
+  if (dresidual_out.has_value()) {
+    const at::Tensor& d = *dresidual_out;
+    TORCH_CHECK(d.device().is_cpu() && d.sizes() == x.sizes() && d.scalar_type() == x.scalar_type(),
+                "fusedopt.norm_bwd (cpu): dresidual_out must be a CPU tensor shaped and typed like "
+                "x (", x.sizes(), ", ", x.scalar_type(), "), got ", d.sizes(), ", ",
+                d.scalar_type(), " on ", d.device());
+    dres = d.contiguous();  // a grad from autograd may come with any layout
+  }
+  auto check_stat = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 &&
+                    t.size(0) == rows && t.is_contiguous(),
+                "fusedopt.norm_bwd (cpu): ", name, " must be a contiguous float32 CPU tensor of "
+                "shape (", rows, ",) as norm_fwd returned it, got ", t.scalar_type(), " ",
+                t.sizes(), " on ", t.device());
+  };
+  if (!rms) check_stat(mean, "mean");
+  check_stat(rstd, "rstd");
+  const at::Tensor w = affine_as_float("norm_bwd", weight, "weight", n, zero_centered_weight);
+  if (bias.has_value()) affine_as_float("norm_bwd", bias, "bias", n, false);  // checks only
+
+  at::Tensor dx = at::empty({rows, n}, x.options());
+  at::Tensor dweight = weight.has_value() ? at::empty({n}, weight->options())
+                                          : at::empty({0}, x.options());
+  at::Tensor dbias = bias.has_value() ? at::empty({n}, bias->options())
+                                      : at::empty({0}, x.options());
+  if (rows == 0) {
+    if (weight.has_value()) dweight.zero_();  // a sum over no rows
+    if (bias.has_value()) dbias.zero_();
+    return {dx, dweight, dbias};
+  }
+
+  // Fixed blocks of rows, one per thread at most: each block sums dweight / dbias over its rows
+  // in order into its own fp32 buffers (partial[block] = {block total, group sum}), and the
+  // totals are added in block order, so the result depends only on the shapes and the thread
+  // count, never on scheduling.
+  const int64_t blocks = std::clamp<int64_t>(rows / row_grain(n), 1,
+                                             std::min<int64_t>(at::get_num_threads(), rows));
+  at::Tensor partial_w, partial_b;
+  if (weight.has_value()) partial_w = at::empty({blocks, 2, n}, x.options().dtype(at::kFloat));
+  if (bias.has_value()) partial_b = at::empty({blocks, 2, n}, x.options().dtype(at::kFloat));
+  float* pw = partial_w.defined() ? partial_w.data_ptr<float>() : nullptr;
+  float* pb = partial_b.defined() ? partial_b.data_ptr<float>() : nullptr;
+
+  const BwdArgs args{rows, n, rms, should_stream(dx), w.defined() ? w.const_data_ptr<float>() : nullptr,
+                     rms ? nullptr : mean.const_data_ptr<float>(), rstd.const_data_ptr<float>()};
+  auto run = [&](auto x_tag, auto dy_tag) {
+    using x_t = decltype(x_tag);
+    using dy_t = decltype(dy_tag);
+    const x_t* xp = x.const_data_ptr<x_t>();
+    const dy_t* dyp = dy.const_data_ptr<dy_t>();
+    const x_t* dresp = dres.defined() ? dres.const_data_ptr<x_t>() : nullptr;
+    x_t* dxp = dx.data_ptr<x_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t block = first; block < last; ++block) {
+        float* bw = pw != nullptr ? pw + block * 2 * n : nullptr;  // {total, group}
+        float* bb = pb != nullptr ? pb + block * 2 * n : nullptr;
+        if (bw != nullptr) std::memset(bw, 0, 2 * n * sizeof(float));
+        if (bb != nullptr) std::memset(bb, 0, 2 * n * sizeof(float));
+        const int64_t begin = rows * block / blocks;
+        const int64_t end = rows * (block + 1) / blocks;
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t o = r * n;
+          const x_t* dres_row = dresp != nullptr ? dresp + o : nullptr;
+          float* gw = bw != nullptr ? bw + n : nullptr;  // the group's sums
+          float* gb = bb != nullptr ? bb + n : nullptr;
+          if (args.w != nullptr) {
+            backward_row<true>(args, r, xp + o, dyp + o, dres_row, dxp + o, gw, gb);
+          } else {
+            backward_row<false>(args, r, xp + o, dyp + o, dres_row, dxp + o, gw, gb);
+          }
+          if ((r + 1 - begin) % kRowGroup == 0 || r + 1 == end) {
+            if (bw != nullptr) fold_group(bw, bw + n, n);
+            if (bb != nullptr) fold_group(bb, bb + n, n);
+          }
+        }
+      }
+      if (args.stream) stream_fence();
+    });
+  };
+  FUSEDOPT_DISPATCH_PARAM_TYPES(x.scalar_type(), "fusedopt_norm_bwd", [&] {
+    if (dy.scalar_type() == x.scalar_type()) {
+      run(scalar_t{}, scalar_t{});
+    } else if (dy.scalar_type() == at::kBFloat16) {  // x is float32 (checked above)
+      run(float{}, c10::BFloat16{});
+    } else {
+      run(float{}, c10::Half{});
+    }
+  });
+  if (pw != nullptr) reduce_partials(pw, 2 * n, blocks, n, dweight);
+  if (pb != nullptr) reduce_partials(pb, 2 * n, blocks, n, dbias);
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+}  // namespace fusedopt::cpu
+
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
+  m.impl("norm_fwd", &fusedopt::cpu::norm_fwd_cpu);
+  m.impl("norm_bwd", &fusedopt::cpu::norm_bwd_cpu);
+}
