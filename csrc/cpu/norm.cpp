@@ -8,8 +8,10 @@
 //   STORED value of s, exactly what the backward recomputes x_hat from, so forward and backward
 //   see the same input (with a bf16/fp16 residual_out this differs from normalizing the unrounded
 //   fp32 sum by s's rounding, below y's own rounding);
-//   mean = sum(s) / N, var = sum((s - mean)^2) / N (two passes; vector partial sums in fp32,
-//   folded into a double every kSumBlock elements);
+//   mean and var = mean((s - mean)^2) from one pass of shifted sums, sum(s - c) and
+//   sum((s - c)^2) with c estimated from the row's first elements, checked for cancellation and
+//   redone as an exact second pass when it could cost precision (kMaxShiftedCancellation); vector
+//   partial sums in fp32, folded into doubles every kSumBlock elements;
 //   rstd = 1 / sqrt(var + eps) (RMSNorm: 1 / sqrt(sum(s^2) / N + eps));
 //   y = (s - mean) * rstd * w_eff + b, w_eff = 1 + weight when zero-centered.
 // Backward, one row at a time: x_hat = (x - mean) * rstd, wdy = dy * w_eff,
@@ -319,7 +321,7 @@ constexpr double kMaxShiftedCancellation = 8.0;
 struct FwdArgs {
   int64_t rows;
   int64_t n;
-  float eps;
+  double eps;
   bool rms;
   bool stream;     // stream y and residual_out
   const float* w;  // w_eff in fp32 (1 + weight when zero-centered), or null
@@ -513,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
 
   const FwdArgs args{rows,
                      n,
-                     static_cast<float>(eps),
+                     eps,
                      rms,
                      should_stream(y),
                      w.defined() ? w.const_data_ptr<float>() : nullptr,
