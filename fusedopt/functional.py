@@ -41,7 +41,7 @@ def _step(algorithm: str, lists: tuple[list[Tensor], ...], backend: str, **kwarg
     lr = kwargs["lr"]
     tensor_lr = isinstance(lr, Tensor)
     if tensor_lr and name != "reference":
-        kwargs["lr"] = _on(device, lr.to(torch.float32) if lr.dtype != torch.float32 else lr)
+        kwargs["lr"] = _on(device, lr.to(torch.float32))  # .to returns lr itself if fp32
     kwargs["grad_scale"] = _on(device, kwargs.get("grad_scale"))
     kwargs["found_inf"] = _on(device, kwargs.get("found_inf"))
     if name in ("cpp", "cuda"):
@@ -168,14 +168,13 @@ def _norm(
                               residual=flat(residual), residual_in_fp32=residual_in_fp32,
                               zero_centered_weight=zero_centered_weight)
         y, residual_out = out if residual is not None else (out, None)
-        y = y.reshape(x.shape)
     else:
         y, residual_out, _, _ = torch.ops.fusedopt.norm_fwd(
             flat(x).contiguous(), None if residual is None else flat(residual).contiguous(),
             None if weight is None else weight.reshape(n).contiguous(),
             None if bias is None else bias.reshape(n).contiguous(),
             eps, rms, zero_centered_weight, residual_in_fp32)
-        y = y.reshape(x.shape)
+    y = y.reshape(x.shape)
     return y if residual is None else (y, residual_out.reshape(x.shape))
 
 
