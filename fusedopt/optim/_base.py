@@ -17,6 +17,22 @@ def to_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
+def add_to_group(groups: dict[tuple, list[list[Tensor]]], tensors: list[Tensor], width: int,
+                 *extra_key: object) -> list[list[Tensor]]:
+    """Appends one param's tensors to the parallel lists of its (device, dtype, *extra_key) group
+    (`width` lists, created on first use), complex tensors viewed as real pairs, as torch does.
+    Returns the group's lists."""
+    if tensors[0].is_complex():
+        tensors = [torch.view_as_real(t) for t in tensors]
+    key = (tensors[0].device, tensors[0].dtype, *extra_key)
+    lists = groups.get(key)
+    if lists is None:  # not setdefault: it would build `width` lists per param (a hot loop)
+        lists = groups[key] = [[] for _ in range(width)]
+    for lst, t in zip(lists, tensors):
+        lst.append(t)
+    return lists
+
+
 class FusedOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         if defaults.get("differentiable"):

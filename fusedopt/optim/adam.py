@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, to_float
+from fusedopt.optim._base import FusedOptimizer, add_to_group, to_float
 
 
 class Adam(FusedOptimizer):
@@ -116,14 +116,7 @@ class Adam(FusedOptimizer):
             tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"]]
             if amsgrad:
                 tensors.append(state["max_exp_avg_sq"])
-            if p.is_complex():
-                tensors = [torch.view_as_real(t) for t in tensors]
-            lists = by_device_and_dtype.get((p.device, tensors[0].dtype))
-            if lists is None:
-                lists = by_device_and_dtype[(p.device, tensors[0].dtype)] = [[] for _ in range(6)]
-            for lst, t in zip(lists, tensors):
-                lst.append(t)
-            lists[5].append(state["step"])
+            add_to_group(by_device_and_dtype, tensors, 6)[5].append(state["step"])
         return list(by_device_and_dtype.values())
 
     @torch.no_grad()

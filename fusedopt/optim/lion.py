@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, to_float
+from fusedopt.optim._base import FusedOptimizer, add_to_group, to_float
 
 
 class Lion(FusedOptimizer):
@@ -71,13 +71,7 @@ class Lion(FusedOptimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            tensors = [p, grad, state["exp_avg"]]
-            if p.is_complex():
-                tensors = [torch.view_as_real(t) for t in tensors]
-            key = (p.device, tensors[0].dtype)
-            lists = by_device_and_dtype.setdefault(key, [[], [], []])
-            for lst, t in zip(lists, tensors):
-                lst.append(t)
+            add_to_group(by_device_and_dtype, [p, grad, state["exp_avg"]], 3)
         return list(by_device_and_dtype.values())
 
     @torch.no_grad()

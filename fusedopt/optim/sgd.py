@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, to_float
+from fusedopt.optim._base import FusedOptimizer, add_to_group, to_float
 
 
 class SGD(FusedOptimizer):
@@ -93,11 +93,7 @@ class SGD(FusedOptimizer):
                         p, memory_format=torch.preserve_format)
                     first_step = True
                 tensors.append(state["momentum_buffer"])
-            if p.is_complex():
-                tensors = [torch.view_as_real(t) for t in tensors]
-            lists = by_key.setdefault((p.device, tensors[0].dtype, first_step), [[], [], []])
-            for lst, t in zip(lists, tensors):
-                lst.append(t)
+            add_to_group(by_key, tensors, 3, first_step)
         return by_key
 
     @torch.no_grad()
