@@ -89,23 +89,82 @@ if defined("norm_fwd"):
         _, residual_out, mean, rstd = output
         normalized_input = residual_out if residual is not None else x
         ctx.save_for_backward(normalized_input, weight, bias, mean, rstd)
-        ctx.flags = (rms, zero_centered_weight)
+        ctx.flags = (eps, rms, zero_centered_weight)
         ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
 
     def _norm_backward(ctx, dy, dresidual_out, dmean, drstd):
         normalized_input, weight, bias, mean, rstd = ctx.saved_tensors
-        rms, zero_centered_weight = ctx.flags
+        eps, rms, zero_centered_weight = ctx.flags
         x_dtype, residual_dtype = ctx.dtypes
-        dx, dweight, dbias = torch.ops.fusedopt.norm_bwd(
-            dy.contiguous(), None if residual_dtype is None else dresidual_out,
-            normalized_input, weight, bias, mean, rstd, rms, zero_centered_weight)
+        if residual_dtype is None:
+            dresidual_out = None
+        if torch.is_grad_enabled():  # backward(create_graph=True): the grads get a graph too
+            dx, dweight, dbias = _norm_bwd_differentiable(
+                dy, dresidual_out, normalized_input, weight, bias, eps, rms, zero_centered_weight)
+        else:
+            dx, dweight, dbias = torch.ops.fusedopt.norm_bwd(
+                dy.contiguous(), dresidual_out, normalized_input, weight, bias, mean, rstd, rms,
+                zero_centered_weight)
         # s = x + residual: both receive ds, each in its own dtype.
-        dresidual = None if residual_dtype is None else dx.to(residual_dtype)
-        return (dx.to(x_dtype), dresidual, None if weight is None else dweight,
+        dresidual = None if residual_dtype is None or dx is None else dx.to(residual_dtype)
+        return (None if dx is None else dx.to(x_dtype), dresidual,
+                None if weight is None else dweight,
                 None if bias is None else dbias, None, None, None, None)
 
     torch.library.register_autograd("fusedopt::norm_fwd", _norm_backward,
                                     setup_context=_norm_setup_context)
+
+    def _norm_bwd_differentiable(dy, dresidual_out, s, weight, bias, eps, rms,
+                                 zero_centered_weight):
+        """norm_bwd's results from differentiable torch ops (reference._norm_backward), so that
+        they can be differentiated again (double backward, as for gradient penalties)."""
+        from fusedopt import reference
+
+        ds, dweight, dbias = reference._norm_backward(
+            dy, s, weight, bias, eps, rms=rms, zero_centered_weight=zero_centered_weight)
+        return (ds if dresidual_out is None else ds + dresidual_out), dweight, dbias
+
+    def _norm_bwd_backward(ctx, ddx, ddweight, ddbias):
+        raise RuntimeError(
+            "fusedopt::norm_bwd is not differentiable. To differentiate a fusedopt norm twice, "
+            "call backward or torch.autograd.grad with create_graph=True: the norm's backward then "
+            "recomputes with differentiable torch ops.")
+
+    torch.library.register_autograd("fusedopt::norm_bwd", _norm_bwd_backward)
+
+    def register_norm_autocast(device_type: str, lib: torch.library.Library,
+                               fp32_under_autocast: dict[bool, bool]) -> None:
+        """Gives norm_fwd the autocast behaviour torch gives layer_norm / rms_norm on this device
+        type. fp32_under_autocast[rms] says whether torch casts that norm to fp32 (ATen puts both
+        on its fp32 list for CUDA; CPU autocast leaves them alone). With a residual, s = x +
+        residual is formed first in the dtype it has without autocast, as in unfused code, and
+        its norm then runs in fp32."""
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def norm_fwd_autocast(keyset, x, residual, weight, bias, eps, rms, zero_centered_weight,
+                              residual_in_fp32):
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                if not fp32_under_autocast[rms]:
+                    return torch.ops.fusedopt.norm_fwd(x, residual, weight, bias, eps, rms,
+                                                       zero_centered_weight, residual_in_fp32)
+                residual_out = x.new_empty(0)
+                if residual is not None:
+                    residual_out = (x.float() + residual.float()).to(
+                        torch.float32 if residual_in_fp32 else x.dtype)
+                    x = residual_out
+                y, _, mean, rstd = torch.ops.fusedopt.norm_fwd(
+                    x.float(), None, None if weight is None else weight.float(),
+                    None if bias is None else bias.float(), eps, rms, zero_centered_weight, False)
+                return y, residual_out, mean, rstd
+
+        lib.impl("norm_fwd", norm_fwd_autocast, key, with_keyset=True)
+
+    if torch._C._is_autocast_available("cuda"):
+        _AUTOCAST_LIB = torch.library.Library("fusedopt", "IMPL")
+        register_norm_autocast("cuda", _AUTOCAST_LIB, {
+            rms: torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")
+            for rms, op in ((False, "aten::layer_norm"), (True, "aten::rms_norm"))})
 
     # On GPUs the norm ops run the Triton kernels (there are no CUDA C++ norm kernels).
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:

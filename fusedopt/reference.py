@@ -204,20 +204,57 @@ def _norm(
         residual_out = x.float() + residual.float()
         residual_out = residual_out if residual_in_fp32 else residual_out.to(out_dtype)
         x = residual_out
-    h = x.float()
-    if rms:
-        x_hat = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        mean = h.mean(-1, keepdim=True)
-        var = (h - mean).pow(2).mean(-1, keepdim=True)
-        x_hat = (h - mean) * torch.rsqrt(var + eps)
+    x_hat, _ = _normalize(x, eps, rms)
     y = x_hat
     if weight is not None:
-        y = y * (1 + weight.float() if zero_centered_weight else weight.float())
+        y = y * _effective_weight(weight, zero_centered_weight)
     if bias is not None:
         y = y + bias.float()
     y = y.to(out_dtype)
     return y if residual_out is None else (y, residual_out)
+
+
+def _normalize(x: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor]:
+    """(x_hat, rstd) of each row of x, in fp32."""
+    h = x.float()
+    if rms:
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return h * rstd, rstd
+    mean = h.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((h - mean).pow(2).mean(-1, keepdim=True) + eps)
+    return (h - mean) * rstd, rstd
+
+
+def _effective_weight(weight: Tensor, zero_centered_weight: bool) -> Tensor:
+    return 1 + weight.float() if zero_centered_weight else weight.float()
+
+
+def _norm_backward(
+    dy: Tensor,
+    s: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    rms: bool,
+    zero_centered_weight: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(ds, dweight, dbias) of _norm without a residual, by the closed-form gradient in fp32
+    (in the dtypes of s, weight and bias). Plain torch ops, so these grads can be differentiated
+    again. With g = dy * w:
+        LayerNorm: ds = rstd * (g - mean(g) - x_hat * mean(g * x_hat))
+        RMSNorm:   ds = rstd * (g - x_hat * mean(g * x_hat))"""
+    x_hat, rstd = _normalize(s, eps, rms)
+    dy = dy.float()
+    g = dy if weight is None else dy * _effective_weight(weight, zero_centered_weight)
+    ds = g - x_hat * (g * x_hat).mean(-1, keepdim=True)
+    if not rms:
+        ds = ds - g.mean(-1, keepdim=True)
+    ds = (ds * rstd).to(s.dtype)
+    rows = tuple(range(dy.dim() - 1))
+    dweight = None if weight is None else (dy * x_hat).sum(rows).to(weight.dtype)
+    dbias = None if bias is None else dy.sum(rows).to(bias.dtype)
+    return ds, dweight, dbias
 
 
 def layer_norm(

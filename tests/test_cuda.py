@@ -105,3 +105,64 @@ def test_gpu_step_captures_in_a_cuda_graph(backend):
     for p, t in zip(params, twins):
         torch.testing.assert_close(p, t, atol=1e-6, rtol=1e-5)
     assert ours.state[params[0]]["step"].item() == 5
+
+
+needs_gpu_norm = pytest.mark.skipif(not fusedopt._ops.has_kernel("fusedopt::norm_fwd", "CUDA"),
+                                    reason="the Triton norm kernels are not registered (no triton)")
+GPU_NORM_SHAPES = [((7, 1), (1,)), ((4, 41), (41,)), ((3, 2, 769), (769,)),
+                   ((2, 4097), (4097,)), ((3, 4, 6), (4, 6)), ((0, 16), (16,)),
+                   ((64, 16384), (16384,)), ((3, 262147), (262147,))]
+
+
+@needs_gpu_norm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("x_shape,shape", GPU_NORM_SHAPES, ids=[str(s[0]) for s in GPU_NORM_SHAPES])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_gpu_norms_match_torch(kind, x_shape, shape, dtype):
+    """The Triton norms (one block and the wide-row path) through the functional API, against
+    torch in fp64: outputs and every grad, with and without a fused residual."""
+    from test_norm import check_against_torch
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(x_shape, generator=generator, device="cuda") * 2 + 0.5).to(dtype)
+    weight = (torch.randn(shape, generator=generator, device="cuda") + 1).to(dtype)
+    bias = None if kind == "rms" else torch.randn(shape, device="cuda").to(dtype)
+    check_against_torch(kind, x, shape, weight, bias, "auto")
+    check_against_torch(kind, x, shape, weight, bias, "auto", residual=torch.randn_like(x),
+                        residual_in_fp32=True)
+
+
+@needs_gpu_norm
+@pytest.mark.parametrize("module", ["LayerNorm", "RMSNorm"])
+def test_gpu_modules_under_autocast_match_torch(module):
+    """CUDA autocast runs torch's norms in fp32: same output dtype, values and grads."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, device="cuda")
+    theirs = getattr(torch.nn, module)(96, device="cuda")
+    ours = getattr(fusedopt, module)(96, device="cuda")
+    with torch.no_grad():
+        theirs.weight.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(33, 64, device="cuda")
+    results = []
+    for norm in (ours, theirs):
+        linear.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = norm(linear(x))
+        y.pow(2).sum().backward()
+        results.append((y, norm.weight.grad, linear.weight.grad))
+    # y and the norm's weight grad are fp32 from the same bf16 activations; the linear's grad
+    # passes through bf16 matmuls.
+    for a, b, tolerance in zip(*results, (1e-4, 1e-4, 2e-2)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=tolerance)
+
+
+@needs_gpu_norm
+def test_gpu_compiled_model_with_norms_matches_eager():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 256), fusedopt.LayerNorm(256),
+                                torch.nn.GELU(), torch.nn.Linear(256, 256),
+                                fusedopt.RMSNorm(256)).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(64, 16, device="cuda")
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)

@@ -79,10 +79,10 @@ def check_against_torch(kind, x, shape, weight, bias, backend, residual=None, **
     assert y.dtype == dtype and y.shape == x.shape
     atol, rtol = NORM_TOLERANCES[dtype]
     torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol)
-    grad_y = torch.randn(y.shape, dtype=torch.float64)
+    grad_y = torch.randn(y.shape, dtype=torch.float64, device=y.device)
     loss, ref_loss = (y.double() * grad_y).sum(), (y_ref * grad_y).sum()
     if residual is not None:
-        grad_s = torch.randn(x.shape, dtype=torch.float64)
+        grad_s = torch.randn(x.shape, dtype=torch.float64, device=x.device)
         torch.testing.assert_close(out[1].double(), s_ref, atol=atol, rtol=rtol)
         loss = loss + (out[1].double() * grad_s).sum()
         ref_loss = ref_loss + (s_ref * grad_s).sum()
@@ -201,15 +201,131 @@ def test_opcheck_norm_ops(rms, residual):
 
 
 @needs_cpp_norm
-def test_compile_fullgraph_has_no_graph_breaks():
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), fusedopt.LayerNorm(32), torch.nn.GELU(),
-                                torch.nn.Linear(32, 32), fusedopt.RMSNorm(32))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(4, 16, requires_grad=True)
-    out = compiled(x)
-    torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-6)
-    out.sum().backward()
-    assert x.grad is not None
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_has_no_graph_breaks(compiler):
+    """fullgraph=True fails on any graph break; inductor's generated code must call the fused ops
+    (forward and backward), not a decomposition of them."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 33), fusedopt.LayerNorm(33), torch.nn.GELU(),
+                                torch.nn.Linear(33, 33), fusedopt.RMSNorm(33))
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    x = leaf(torch.randn(4, 16))
+    x_eager = leaf(x)
+
+    def step():
+        out = compiled(x)
+        out.pow(2).sum().backward()
+        return out
+
+    out, code = run_and_get_code(step) if compiler == "inductor" else (step(), [])
+    expected = model(x_eager)
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_eager.grad, atol=1e-5, rtol=1e-5)
+    if compiler == "inductor":
+        generated = "\n".join(code)
+        assert "fusedopt.norm_fwd" in generated and "fusedopt.norm_bwd" in generated
+
+
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_double_backward_matches_torch(kind, residual, backend):
+    """backward(create_graph=True) through a fusedopt norm (fp32) gives grads that differentiate
+    again like torch's in fp64 (a gradient penalty on every input)."""
+    generator = torch.Generator().manual_seed(3)
+    n = 37
+    x, weight, bias, res = (torch.randn(size, generator=generator) + 0.3
+                            for size in ((5, n), (n,), (n,), (5, n)))
+    bias = bias if kind == "layer" else None
+    res = res if residual else None
+
+    def penalized_grads(dtype, fused):
+        inputs = [None if t is None else leaf(t.to(dtype)) for t in (x, weight, bias, res)]
+        ix, iw, ib, ir = inputs
+        if fused:
+            out = ours_norm(kind, ix, (n,), iw, ib, 1e-5, backend, residual=ir)
+        else:
+            s = ix if ir is None else ix + ir
+            out = torch_norm(kind, s, (n,), iw, ib, 1e-5)
+            out = (out, s) if ir is not None else out
+        y, s = out if residual else (out, None)
+        loss = y.pow(3).sum() + (0 if s is None else s.pow(2).sum())
+        live = [t for t in inputs if t is not None]
+        grads = torch.autograd.grad(loss, live, create_graph=True)
+        sum(g.pow(2).sum() for g in grads).backward()
+        return [t.grad.double() for t in live]
+
+    for ours, theirs in zip(penalized_grads(torch.float32, True),
+                            penalized_grads(torch.float64, False)):
+        torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=5e-4)
+
+
+@needs_cpp_norm
+def test_norm_bwd_op_refuses_to_be_differentiated():
+    x = torch.randn(3, 8)
+    _, _, mean, rstd = torch.ops.fusedopt.norm_fwd(x, None, None, None, 1e-5, False, False, False)
+    dy = leaf(torch.randn(3, 8))
+    dx, _, _ = torch.ops.fusedopt.norm_bwd(dy, None, x, None, None, mean, rstd, False, False)
+    with pytest.raises(RuntimeError, match="norm_bwd is not differentiable"):
+        dx.sum().backward()
+
+
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_cpu_autocast_matches_torch(kind, backend):
+    """CPU autocast has no rule for layer_norm / rms_norm, so a bf16 activation meets fp32
+    parameters: the output has the activation's dtype, as torch's module gives it; values and
+    all grads against torch in fp64."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(24, 40)
+    theirs = torch.nn.RMSNorm(40) if kind == "rms" else torch.nn.LayerNorm(40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = linear(torch.randn(7, 24)).detach()
+        assert h.dtype == theirs(h).dtype == torch.bfloat16
+        weight, bias = torch.randn(40) + 1, (None if kind == "rms" else torch.randn(40))
+        check_against_torch(kind, h, (40,), weight, bias, backend)
+        check_against_torch(kind, h, (40,), weight, bias, backend, residual=torch.randn(7, 40))
+
+
+@needs_cpp_norm
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_fp32_autocast_rule_matches_torch(kind, residual):
+    """The autocast rule registered for CUDA (torch runs layer_norm / rms_norm in fp32 there),
+    registered for CPU for this test: fp32 outputs equal to torch's norm of the inputs cast to
+    fp32, after s = x + residual formed in x's dtype as unfused code does; grads match."""
+    library = torch.library.Library("fusedopt", "IMPL")
+    try:
+        fusedopt._ops.register_norm_autocast("cpu", library, {False: True, True: True})
+        generator = torch.Generator().manual_seed(5)
+        x, res = (torch.randn(6, 50, generator=generator).bfloat16() for _ in range(2))
+        weight, bias = torch.randn(50) * 0.5 + 1, torch.randn(50)
+        bias = bias if kind == "layer" else None
+        res = res if residual else None
+        grads = []
+        for fused in (True, False):
+            inputs = [None if t is None else leaf(t) for t in (x, weight, bias, res)]
+            ix, iw, ib, ir = inputs
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if fused:
+                    out = ours_norm(kind, ix, (50,), iw, ib, 1e-5, "cpp", residual=ir)
+                else:
+                    s = ix if ir is None else ix + ir
+                    out = torch_norm(kind, s.float(), (50,), iw, ib, 1e-5)
+                    out = (out, s) if ir is not None else out
+            y, s = out if residual else (out, None)
+            assert y.dtype == torch.float32 and (s is None or s.dtype == torch.bfloat16)
+            loss = (y * torch.linspace(-1, 1, 50)).sum() + (0 if s is None else s.float().sum())
+            loss.backward()
+            grads.append([y.detach()] + [t.grad for t in inputs if t is not None])
+        for ours, theirs in zip(*grads):
+            assert ours.dtype == theirs.dtype
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    finally:
+        library._destroy()
 
 
 triton_interpreter = pytest.mark.skipif(
