@@ -61,6 +61,9 @@ TORCH_LIBRARY(fusedopt, m) {
   // split over threads exactly like the optimizer kernels. With three outs it moves 28 B/element,
   // the bytes of an fp32 AdamW step, so the two are directly comparable.
   m.def("stream_rmw_(Tensor(a!)[] outs, Tensor src) -> ()");
+  // The bytes floor of an op that returns a fresh tensor (bench/bench_norm.py): a new tensor =
+  // the sum of the inputs (one input: a copy), written as the norm kernels write their outputs.
+  m.def("stream_sum(Tensor[] inputs) -> Tensor");
 }
 
 // fusedopt._C is imported only to load the library above; it defines no Python functions.

@@ -183,3 +183,10 @@ if defined("stream_rmw_"):
     @torch.library.register_fake("fusedopt::stream_rmw_")
     def _stream_rmw_fake(outs, src):
         return None
+
+
+if defined("stream_sum"):
+
+    @torch.library.register_fake("fusedopt::stream_sum")
+    def _stream_sum_fake(inputs):
+        return torch.empty_like(inputs[0], memory_format=torch.contiguous_format)

@@ -3,6 +3,10 @@ and the op's own contract (step advance, found_inf skip, grad unscale) holds for
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import cpu_backend_params
@@ -53,6 +57,48 @@ def test_stream_rmw_adds_src_to_every_out():
     torch.ops.fusedopt.stream_rmw_(outs, src)
     for o, e in zip(outs, expected):
         torch.testing.assert_close(o, e)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_stream_sum_returns_a_fresh_sum(dtype):
+    inputs = [torch.randn(3, 70001).to(dtype) for _ in range(3)]
+    torch.library.opcheck(torch.ops.fusedopt.stream_sum.default, (inputs,))
+    for count in (1, 3):
+        out = torch.ops.fusedopt.stream_sum(inputs[:count])
+        expected = sum(t.float() for t in inputs[:count]).to(dtype)
+        assert out.dtype == dtype and out.data_ptr() != inputs[0].data_ptr()
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert torch.ops.fusedopt.stream_sum([torch.empty(0, 5)]).shape == (0, 5)
+    with pytest.raises(RuntimeError, match="one shape and one dtype"):
+        torch.ops.fusedopt.stream_sum([inputs[0], inputs[1][:, 1:]])
+
+
+STREAMED_OUTPUTS_CHECK = """
+import torch, fusedopt
+x = torch.randn(4099, 4103) + 0.5
+dy, w, b = torch.randn_like(x), torch.randn(4103), torch.randn(4103)
+for _ in range(2):  # the second time round, the freed outputs come back resident: streamed
+    out = torch.ops.fusedopt.stream_sum([x, dy])
+    assert torch.equal(out, x + dy)
+    y, _, mean, rstd = torch.ops.fusedopt.norm_fwd(x, None, w, b, 1e-5, False, False, False)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (4103,), w, b))
+    dx, _, _ = torch.ops.fusedopt.norm_bwd(dy, None, x, w, b, mean, rstd, False, False)
+    x_leaf = x.clone().requires_grad_()
+    torch.nn.functional.layer_norm(x_leaf, (4103,), w, b).backward(dy)
+    torch.testing.assert_close(dx, x_leaf.grad, atol=1e-4, rtol=1e-4)
+    del out, y, dx
+"""
+
+
+@needs_ext
+def test_outputs_past_the_streaming_size_are_right_when_streamed():
+    """Outputs over 64 MiB are written with streaming stores when their memory is resident: with
+    glibc keeping freed memory, the second round's outputs are; checked in a child process, since
+    the allocator settings only take effect at process start."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4294967296",
+           "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    subprocess.run([sys.executable, "-c", STREAMED_OUTPUTS_CHECK], env=env, check=True)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())

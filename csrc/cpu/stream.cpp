@@ -1,8 +1,13 @@
-// The bandwidth probe: out[k] += src for every k, chunked and threaded exactly like the optimizer
-// kernels, so "% of bandwidth" compares an optimizer step against the same access pattern.
+// Bandwidth probes. stream_rmw_: out[k] += src for every k, chunked and threaded exactly like the
+// optimizer kernels, so "% of bandwidth" compares an optimizer step against the same access
+// pattern. stream_sum: a fresh output = the sum of its inputs, written as the norm kernels write
+// theirs, the bytes floor of an op that reads those inputs and returns a new tensor.
 #include <torch/library.h>
 
+#include <vector>
+
 #include "multi_tensor.h"
+#include "streaming_store.h"
 
 namespace fusedopt::cpu {
 namespace {
@@ -35,7 +40,49 @@ void stream_rmw_cpu(at::TensorList outs, const at::Tensor& src) {
   });
 }
 
+// Threads take runs of at least this many elements (as the norm kernels take rows).
+constexpr int64_t kMinElementsPerTask = 65536;
+
+at::Tensor stream_sum_cpu(at::TensorList inputs) {
+  TORCH_CHECK(!inputs.empty(), "fusedopt.stream_sum (cpu): needs at least one input");
+  const at::Tensor& first = inputs[0];
+  for (const at::Tensor& t : inputs) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.sizes() == first.sizes() &&
+                    t.scalar_type() == first.scalar_type() &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                     t.scalar_type() == at::kHalf),
+                "fusedopt.stream_sum (cpu): inputs must be contiguous CPU tensors of one shape "
+                "and one dtype (float32, bfloat16 or float16)");
+  }
+  at::Tensor out = at::empty_like(first, at::MemoryFormat::Contiguous);
+  const int64_t numel = out.numel();
+  if (numel == 0) return out;
+  const bool stream = should_stream(out);
+  FUSEDOPT_DISPATCH_PARAM_TYPES(first.scalar_type(), "fusedopt_stream_sum", [&] {
+    std::vector<const scalar_t*> src;
+    for (const at::Tensor& t : inputs) src.push_back(t.const_data_ptr<scalar_t>());
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, numel, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+      write_row(dst + begin, end - begin, stream,
+                [&](int64_t i, int64_t count, bool, Vec& lo, Vec& hi) {
+                  load_float(src[0] + begin + i, count, lo, hi);
+                  for (size_t k = 1; k < src.size(); ++k) {
+                    Vec a, b;
+                    load_float(src[k] + begin + i, count, a, b);
+                    lo = lo + a;
+                    hi = hi + b;
+                  }
+                });
+      if (stream) stream_fence();
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace fusedopt::cpu
 
-TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { m.impl("stream_rmw_", &fusedopt::cpu::stream_rmw_cpu); }
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
+  m.impl("stream_rmw_", &fusedopt::cpu::stream_rmw_cpu);
+  m.impl("stream_sum", &fusedopt::cpu::stream_sum_cpu);
+}
