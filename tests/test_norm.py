@@ -230,9 +230,9 @@ def test_compile_fullgraph_has_no_graph_breaks(compiler):
 
 
 @pytest.mark.parametrize("backend", norm_backends())
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("option", ["plain", "residual", "zero_centered"])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
-def test_double_backward_matches_torch(kind, residual, backend):
+def test_double_backward_matches_torch(kind, option, backend):
     """backward(create_graph=True) through a fusedopt norm (fp32) gives grads that differentiate
     again like torch's in fp64 (a gradient penalty on every input)."""
     generator = torch.Generator().manual_seed(3)
@@ -240,16 +240,19 @@ def test_double_backward_matches_torch(kind, residual, backend):
     x, weight, bias, res = (torch.randn(size, generator=generator) + 0.3
                             for size in ((5, n), (n,), (n,), (5, n)))
     bias = bias if kind == "layer" else None
+    residual = option == "residual"
     res = res if residual else None
+    zero_centered = option == "zero_centered"
 
     def penalized_grads(dtype, fused):
         inputs = [None if t is None else leaf(t.to(dtype)) for t in (x, weight, bias, res)]
         ix, iw, ib, ir = inputs
         if fused:
-            out = ours_norm(kind, ix, (n,), iw, ib, 1e-5, backend, residual=ir)
+            out = ours_norm(kind, ix, (n,), iw, ib, 1e-5, backend, residual=ir,
+                            zero_centered_weight=zero_centered)
         else:
             s = ix if ir is None else ix + ir
-            out = torch_norm(kind, s, (n,), iw, ib, 1e-5)
+            out = torch_norm(kind, s, (n,), 1 + iw if zero_centered else iw, ib, 1e-5)
             out = (out, s) if ir is not None else out
         y, s = out if residual else (out, None)
         loss = y.pow(3).sum() + (0 if s is None else s.pow(2).sum())
