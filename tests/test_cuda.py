@@ -107,8 +107,9 @@ def test_gpu_step_captures_in_a_cuda_graph(backend):
     assert ours.state[params[0]]["step"].item() == 5
 
 
-needs_gpu_norm = pytest.mark.skipif(not fusedopt._ops.has_kernel("fusedopt::norm_fwd", "CUDA"),
-                                    reason="the Triton norm kernels are not registered (they need a GPU and triton)")
+needs_gpu_norm = pytest.mark.skipif(
+    not fusedopt._ops.has_kernel("fusedopt::norm_fwd", "CUDA"),
+    reason="the Triton norm kernels are not registered (they need a GPU and triton)")
 GPU_NORM_SHAPES = [((7, 1), (1,)), ((4, 41), (41,)), ((3, 2, 769), (769,)),
                    ((2, 4097), (4097,)), ((3, 4, 6), (4, 6)), ((0, 16), (16,)),
                    ((64, 16384), (16384,)), ((3, 262147), (262147,))]
