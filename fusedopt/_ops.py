@@ -1,7 +1,8 @@
 """Loads the C++ extension, which registers the fusedopt ops (schemas in csrc/fusedopt.cpp), and
 gives each op its fake implementation, so torch.compile and torch.library.opcheck can trace them.
 The optimizer ops mutate their inputs and return nothing, so their fakes compute nothing; the norm
-ops also get their autograd formula here, torch's autocast rule, and on GPUs their Triton kernels."""
+ops also get their autograd formula here, torch's autocast rule, and on GPUs their Triton
+kernels."""
 
 from __future__ import annotations
 
