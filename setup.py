@@ -39,7 +39,9 @@ def cpu_flags() -> list[str]:
     has_avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags
     has_avx2 = {"avx2", "fma", "f16c"} <= flags
     if arch == "avx512" or (arch == "auto" and has_avx512):
-        return AVX512
+        # bf16 stores round with one instruction where the machine has it (multi_tensor.h).
+        return AVX512 + (["-mavx512bf16", "-DFUSEDOPT_AVX512_BF16"] if "avx512_bf16" in flags
+                         else [])
     if arch == "avx2" or (arch == "auto" and has_avx2):
         return AVX2
     return []

@@ -8,6 +8,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(FUSEDOPT_AVX512_BF16)
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -100,6 +104,21 @@ inline void load_float(const scalar_t* src, int64_t count, Vec& lo, Vec& hi) {
   }
 }
 
+// kVecStep fp32 values rounded (to nearest even) into a 16-bit dtype. Where the build machine has
+// AVX512-BF16 (FUSEDOPT_AVX512_BF16), bf16 takes its one conversion instruction rather than
+// at::vec's integer rounding sequence; the two differ only in that the instruction flushes
+// denormals (below 1.2e-38) to zero.
+template <typename scalar_t>
+inline at::vec::Vectorized<scalar_t> pack_float(const Vec& lo, const Vec& hi) {
+#if defined(FUSEDOPT_AVX512_BF16)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return at::vec::Vectorized<scalar_t>(
+        reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(__m512(hi), __m512(lo))));
+  }
+#endif
+  return at::vec::convert_from_float<scalar_t>(lo, hi);
+}
+
 template <typename scalar_t>
 inline void store_float(scalar_t* dst, int64_t count, const Vec& lo, const Vec& hi) {
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -111,7 +130,7 @@ inline void store_float(scalar_t* dst, int64_t count, const Vec& lo, const Vec& 
       if (count > Vec::size()) hi.store(dst + Vec::size(), count - Vec::size());
     }
   } else {
-    auto packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    auto packed = pack_float<scalar_t>(lo, hi);
     if (count == kVecStep) {
       packed.store(dst);
     } else {

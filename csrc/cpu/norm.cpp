@@ -127,7 +127,7 @@ struct ResidualRow {
     hi = hi + r1;
     if constexpr (!std::is_same_v<o_t, float>) {
       std::tie(lo, hi) =
-          at::vec::convert_to_float<o_t>(at::vec::convert_from_float<o_t>(lo, hi));
+          at::vec::convert_to_float<o_t>(pack_float<o_t>(lo, hi));
     }
   }
 };

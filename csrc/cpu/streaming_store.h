@@ -46,7 +46,7 @@ FUSEDOPT_INLINE void stream_float(scalar_t* dst, const Vec& lo, const Vec& hi) {
     _mm512_stream_ps(dst, lo);
     _mm512_stream_ps(dst + Vec::size(), hi);
   } else {
-    const __m512i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    const __m512i packed = pack_float<scalar_t>(lo, hi);
     _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -54,7 +54,7 @@ FUSEDOPT_INLINE void stream_float(scalar_t* dst, const Vec& lo, const Vec& hi) {
     _mm256_stream_ps(dst, lo);
     _mm256_stream_ps(dst + Vec::size(), hi);
   } else {
-    const __m256i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+    const __m256i packed = pack_float<scalar_t>(lo, hi);
     _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), packed);
   }
 #else
