@@ -140,7 +140,7 @@ if defined("norm_fwd"):
         on its fp32 list for CUDA; CPU autocast leaves them alone). With a residual, s = x +
         residual is formed first in the dtype it has without autocast, as in unfused code, and
         its norm then runs in fp32."""
-        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = "Autocast" + {"cpu": "CPU", "cuda": "CUDA"}[device_type]
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
         def norm_fwd_autocast(keyset, x, residual, weight, bias, eps, rms, zero_centered_weight,
@@ -161,11 +161,10 @@ if defined("norm_fwd"):
 
         lib.impl("norm_fwd", norm_fwd_autocast, key, with_keyset=True)
 
-    if torch._C._is_autocast_available("cuda"):
-        _AUTOCAST_LIB = torch.library.Library("fusedopt", "IMPL")
-        register_norm_autocast("cuda", _AUTOCAST_LIB, {
-            rms: torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")
-            for rms, op in ((False, "aten::layer_norm"), (True, "aten::rms_norm"))})
+    _AUTOCAST_LIB = torch.library.Library("fusedopt", "IMPL")
+    register_norm_autocast("cuda", _AUTOCAST_LIB, {
+        rms: torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastCUDA")
+        for rms, op in ((False, "aten::layer_norm"), (True, "aten::rms_norm"))})
 
     # On GPUs the norm ops run the Triton kernels (there are no CUDA C++ norm kernels).
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
