@@ -57,13 +57,22 @@ inline double hsum(const Vec& v) {
   return total;
 }
 
-// Prefetches the rows after the ones being worked on, kLinesPerStep cache lines of each stream
-// per vector step, in every pass over the current rows, so that the next rows are read from memory
-// while these are computed and written (prefetching the next row at all: ~10% faster forward and
-// backward here). Prefetching in the last pass only would put all of memory's traffic (the next
-// rows' reads and the streamed writes) in that pass and leave memory idle in the others. Two lines
-// per step are enough to finish before the current rows are done: the fewest steps per line of
-// the next rows is 5/8 (fp32, the backward's four rows at a time: 5n/32 steps, 8n/32 lines).
+// Prefetches the cache lines of elements [0, count) at p.
+template <typename scalar_t>
+FUSEDOPT_INLINE void prefetch_elements(const scalar_t* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+    __builtin_prefetch(bytes + b);
+  }
+}
+
+// The forward's prefetch of the next row: kLinesPerStep cache lines of each stream per vector
+// step, over both passes of the current row, so that the next row is read from memory while this
+// one is computed and written (prefetching the next row at all made the forward ~10% faster
+// here). Prefetching in the last pass only would put all of memory's traffic (the next row's
+// reads and the streamed writes) in that pass and leave memory idle in the other. The two passes
+// take 2n / kVecStep steps, at least the row's n / 16 cache lines, so two lines per step are done
+// by the middle of the second pass.
 class RowPrefetcher {
  public:
   static constexpr int kLinesPerStep = 2;
@@ -459,31 +468,71 @@ struct BwdArgs {
   const float* rstd;   // (rows,)
 };
 
-// kRows consecutive rows of the backward (row, row + 1, ...; rows are n elements apart).
-// dweight_acc / dbias_acc: the row group's fp32 partial sums (or null). Pass 1 takes the rows
-// together, so the partial sums are loaded and stored once per kRows rows rather than once per
-// row; each row's contributions are still added in row order.
+// The backward runs over groups of kRows consecutive rows, software-pipelined: one sweep over the
+// columns does pass 1 of a group and pass 2 of the group before it, so that the first's reads
+// from memory and the second's streamed writes (dx) overlap, as in a copy, rather than
+// alternating (pass 1 alone runs at the read bandwidth, pass 2 alone at a copy's; one after the
+// other they took ~30% longer than a copy of the same bytes). Pass 2 re-reads its rows from
+// cache, where the previous sweep left them.
+//   Pass 1: each row's sums of wdy and wdy * x_hat, and the per-column partial sums of dy * x_hat
+//   and dy, loaded and stored once per group (each row's contribution still added in row order).
+//   Pass 2: dx = rstd * (wdy - mean(wdy) - x_hat * mean(wdy * x_hat)) + dresidual_out.
+
+// Rows in a group (a divisor of kRowGroup), while rows are at most kBackwardRowsMaxN wide (three
+// groups then stay in L2); the rows left over, and wider rows, go one at a time.
+constexpr int kBackwardRows = 4;
+constexpr int64_t kBackwardRowsMaxN = 16384;
+
+// A group's pass-1 results, which its pass 2 needs.
+template <int kRows>
+struct GroupSums {
+  double wdy[kRows];
+  double wdy_xhat[kRows];
+};
+
+// The backward's tensors, whole (rows, n).
+template <typename x_t, typename dy_t>
+struct BwdTensors {
+  const x_t* x;
+  const dy_t* dy;
+  const x_t* dres;  // or null
+  x_t* dx;
+};
+
+// One sweep: pass 1 of rows [first, first + kRows) into first_sums, unless first < 0, and pass 2
+// of rows [second, second + kRows) from second_sums, unless second < 0. dweight_acc / dbias_acc:
+// the row group's fp32 partial sums (or null).
 template <int kRows, bool kWeight, typename x_t, typename dy_t>
-FUSEDOPT_INLINE void backward_rows(const BwdArgs& a, int64_t row, const x_t* x, const dy_t* dy,
-                                   const x_t* dres, x_t* dx, float* dweight_acc,
-                                   float* dbias_acc) {
+FUSEDOPT_INLINE void backward_sweep(const BwdArgs& a, const BwdTensors<x_t, dy_t>& t,
+                                    int64_t first, GroupSums<kRows>& first_sums, int64_t second,
+                                    const GroupSums<kRows>& second_sums, float* dweight_acc,
+                                    float* dbias_acc) {
   const int64_t n = a.n;
   const float* w = a.w;
-  Vec mean[kRows], rstd[kRows];
+  const bool pass1 = first >= 0;
+  const bool pass2 = second >= 0;
+  const int64_t o1 = pass1 ? first * n : 0;
+  const int64_t o2 = pass2 ? second * n : 0;
+  // The group after pass 1's, prefetched column by column as pass 1 reads its own.
+  const int64_t ahead_rows = pass1 ? std::clamp<int64_t>(a.rows - first - kRows, 0, kRows) : 0;
+  // dx is streamed when every row of pass 2 starts aligned; then so does every full step.
+  const bool stream = pass2 && a.stream && stream_head(t.dx + o2, n) == 0 &&
+                      (n * static_cast<int64_t>(sizeof(x_t))) % kStreamAlign == 0;
+  Vec mean1[kRows], rstd1[kRows], mean2[kRows], rstd2[kRows], mean_wdy[kRows],
+      mean_wdy_xhat[kRows];
   for (int k = 0; k < kRows; ++k) {
-    mean[k] = Vec(a.rms ? 0.f : a.mean[row + k]);
-    rstd[k] = Vec(a.rstd[row + k]);
+    if (pass1) {
+      mean1[k] = Vec(a.rms ? 0.f : a.mean[first + k]);
+      rstd1[k] = Vec(a.rstd[first + k]);
+    }
+    if (pass2) {
+      mean2[k] = Vec(a.rms ? 0.f : a.mean[second + k]);
+      rstd2[k] = Vec(a.rstd[second + k]);
+      mean_wdy[k] = Vec(a.rms ? 0.f : static_cast<float>(second_sums.wdy[k] / n));
+      mean_wdy_xhat[k] = Vec(static_cast<float>(second_sums.wdy_xhat[k] / n));
+    }
   }
 
-  // The next kRows rows (fewer at the end), prefetched over both passes.
-  RowPrefetcher ahead;
-  const int64_t next_elements = std::min<int64_t>(kRows, a.rows - row - kRows) * n;
-  ahead.add(x + kRows * n, next_elements);
-  ahead.add(dy + kRows * n, next_elements);
-  if (dres != nullptr) ahead.add(dres + kRows * n, next_elements);
-
-  // Pass 1: each row's sums of wdy and wdy * x_hat; the per-column partial sums of dy * x_hat and
-  // dy. Zero-padded dy makes every padded lane contribute nothing.
   double sum_wdy[kRows] = {}, sum_wdy_xhat[kRows] = {};
   int64_t i = 0;
   while (i < n) {
@@ -492,88 +541,95 @@ FUSEDOPT_INLINE void backward_rows(const BwdArgs& a, int64_t row, const x_t* x, 
     for (int k = 0; k < kRows; ++k) s0[k] = s1[k] = t0[k] = t1[k] = Vec(0.f);
     for (; i < block_end; i += kVecStep) {
       const int64_t count = std::min(kVecStep, block_end - i);
-      ahead.step();
-      Vec w0, w1, pw0(0.f), pw1(0.f), pb0(0.f), pb1(0.f);
+      Vec w0, w1;
       if constexpr (kWeight) load_float(w + i, count, w0, w1);
-      if (dweight_acc != nullptr) load_float(dweight_acc + i, count, pw0, pw1);
-      if (dbias_acc != nullptr) load_float(dbias_acc + i, count, pb0, pb1);
-      for (int k = 0; k < kRows; ++k) {
-        Vec x0, x1, g0, g1;
-        load_float(x + k * n + i, count, x0, x1);
-        load_float(dy + k * n + i, count, g0, g1);
-        x0 = (x0 - mean[k]) * rstd[k];
-        x1 = (x1 - mean[k]) * rstd[k];
-        Vec wg0 = g0, wg1 = g1;
-        if constexpr (kWeight) {
-          wg0 = g0 * w0;
-          wg1 = g1 * w1;
+      if (pass1) {
+        for (int64_t k = 0; k < ahead_rows; ++k) {
+          const int64_t ahead = o1 + (kRows + k) * n + i;
+          prefetch_elements(t.x + ahead, count);
+          prefetch_elements(t.dy + ahead, count);
         }
-        s0[k] = s0[k] + wg0;
-        s1[k] = s1[k] + wg1;
-        t0[k] = at::vec::fmadd(wg0, x0, t0[k]);
-        t1[k] = at::vec::fmadd(wg1, x1, t1[k]);
-        if (dweight_acc != nullptr) {
-          pw0 = at::vec::fmadd(g0, x0, pw0);
-          pw1 = at::vec::fmadd(g1, x1, pw1);
+        // dresidual_out is read by pass 2 only, one sweep later.
+        if (t.dres != nullptr) {
+          for (int k = 0; k < kRows; ++k) prefetch_elements(t.dres + o1 + k * n + i, count);
         }
-        if (dbias_acc != nullptr) {
-          pb0 = pb0 + g0;
-          pb1 = pb1 + g1;
+        Vec pw0(0.f), pw1(0.f), pb0(0.f), pb1(0.f);
+        if (dweight_acc != nullptr) load_float(dweight_acc + i, count, pw0, pw1);
+        if (dbias_acc != nullptr) load_float(dbias_acc + i, count, pb0, pb1);
+        for (int k = 0; k < kRows; ++k) {
+          Vec x0, x1, g0, g1;
+          load_float(t.x + o1 + k * n + i, count, x0, x1);
+          load_float(t.dy + o1 + k * n + i, count, g0, g1);
+          x0 = (x0 - mean1[k]) * rstd1[k];
+          x1 = (x1 - mean1[k]) * rstd1[k];
+          Vec wg0 = g0, wg1 = g1;
+          if constexpr (kWeight) {
+            wg0 = g0 * w0;
+            wg1 = g1 * w1;
+          }
+          s0[k] = s0[k] + wg0;
+          s1[k] = s1[k] + wg1;
+          t0[k] = at::vec::fmadd(wg0, x0, t0[k]);
+          t1[k] = at::vec::fmadd(wg1, x1, t1[k]);
+          if (dweight_acc != nullptr) {
+            pw0 = at::vec::fmadd(g0, x0, pw0);
+            pw1 = at::vec::fmadd(g1, x1, pw1);
+          }
+          if (dbias_acc != nullptr) {
+            pb0 = pb0 + g0;
+            pb1 = pb1 + g1;
+          }
+        }
+        if (dweight_acc != nullptr) store_float(dweight_acc + i, count, pw0, pw1);
+        if (dbias_acc != nullptr) store_float(dbias_acc + i, count, pb0, pb1);
+      }
+      if (pass2) {
+        for (int k = 0; k < kRows; ++k) {
+          const int64_t at = o2 + k * n + i;
+          Vec x0, x1, g0, g1;
+          load_float(t.x + at, count, x0, x1);
+          load_float(t.dy + at, count, g0, g1);
+          x0 = (x0 - mean2[k]) * rstd2[k];
+          x1 = (x1 - mean2[k]) * rstd2[k];
+          if constexpr (kWeight) {
+            g0 = g0 * w0;
+            g1 = g1 * w1;
+          }
+          Vec d0 = (g0 - mean_wdy[k] - x0 * mean_wdy_xhat[k]) * rstd2[k];
+          Vec d1 = (g1 - mean_wdy[k] - x1 * mean_wdy_xhat[k]) * rstd2[k];
+          if (t.dres != nullptr) {
+            Vec r0, r1;
+            load_float(t.dres + at, count, r0, r1);
+            d0 = d0 + r0;
+            d1 = d1 + r1;
+          }
+          if (stream && count == kVecStep) {
+            stream_float(t.dx + at, d0, d1);
+          } else {
+            store_float(t.dx + at, count, d0, d1);
+          }
         }
       }
-      if (dweight_acc != nullptr) store_float(dweight_acc + i, count, pw0, pw1);
-      if (dbias_acc != nullptr) store_float(dbias_acc + i, count, pb0, pb1);
     }
-    for (int k = 0; k < kRows; ++k) {
-      sum_wdy[k] += hsum(s0[k] + s1[k]);
-      sum_wdy_xhat[k] += hsum(t0[k] + t1[k]);
+    if (pass1) {
+      for (int k = 0; k < kRows; ++k) {
+        sum_wdy[k] += hsum(s0[k] + s1[k]);
+        sum_wdy_xhat[k] += hsum(t0[k] + t1[k]);
+      }
     }
   }
-
-  // Pass 2, a row at a time (the rows are in cache): dx = rstd * (wdy - mean(wdy) - x_hat *
-  // mean(wdy * x_hat)) + dresidual_out.
   for (int k = 0; k < kRows; ++k) {
-    const int64_t o = k * n;
-    const Vec mean_wdy(a.rms ? 0.f : static_cast<float>(sum_wdy[k] / static_cast<double>(n)));
-    const Vec mean_wdy_xhat(static_cast<float>(sum_wdy_xhat[k] / static_cast<double>(n)));
-    write_row(dx + o, n, a.stream, [&](int64_t j, int64_t count, bool, Vec& d0, Vec& d1) {
-      ahead.step();
-      Vec x0, x1, g0, g1;
-      load_float(x + o + j, count, x0, x1);
-      load_float(dy + o + j, count, g0, g1);
-      x0 = (x0 - mean[k]) * rstd[k];
-      x1 = (x1 - mean[k]) * rstd[k];
-      if constexpr (kWeight) {
-        Vec w0, w1;
-        load_float(w + j, count, w0, w1);
-        g0 = g0 * w0;
-        g1 = g1 * w1;
-      }
-      d0 = (g0 - mean_wdy - x0 * mean_wdy_xhat) * rstd[k];
-      d1 = (g1 - mean_wdy - x1 * mean_wdy_xhat) * rstd[k];
-      if (dres != nullptr) {
-        Vec r0, r1;
-        load_float(dres + o + j, count, r0, r1);
-        d0 = d0 + r0;
-        d1 = d1 + r1;
-      }
-    });
+    first_sums.wdy[k] = sum_wdy[k];
+    first_sums.wdy_xhat[k] = sum_wdy_xhat[k];
   }
 }
-
-// Rows taken together by pass 1 of the backward (a divisor of kRowGroup), while rows are at most
-// kBackwardRowsMaxN wide (so that pass 2 still finds them in L2). LayerNorm with weight and bias
-// at (8192, 4096) fp32, 3 alternating runs each: 14.6-15.6 ms a row at a time, 12.9-13.7 ms four
-// at a time; RMSNorm is unchanged.
-constexpr int kBackwardRows = 4;
-constexpr int64_t kBackwardRowsMaxN = 16384;
 
 // dweight / dbias are summed over rows in two levels, each in fp32: the rows of a group into one
 // buffer, the groups of a block of rows into another. A plain running sum over a block's thousands
 // of rows would carry that many roundings (relative errors ~1e-6 in fp32 with 300 rows already);
 // this carries ~kRowGroup + rows / kRowGroup, for one extra pass over N per group.
 constexpr int64_t kRowGroup = 32;
-static_assert(kRowGroup % kBackwardRows == 0, "a group is a whole number of backward steps");
+static_assert(kRowGroup % kBackwardRows == 0, "a row group is a whole number of backward groups");
 
 // total += group; group = 0 (n elements each).
 inline void fold_group(float* total, float* group, int64_t n) {
@@ -671,40 +727,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
   auto run = [&](auto x_tag, auto dy_tag) {
     using x_t = decltype(x_tag);
     using dy_t = decltype(dy_tag);
-    const x_t* xp = x.const_data_ptr<x_t>();
-    const dy_t* dyp = dy.const_data_ptr<dy_t>();
-    const x_t* dresp = dres.defined() ? dres.const_data_ptr<x_t>() : nullptr;
-    x_t* dxp = dx.data_ptr<x_t>();
-    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t block = first; block < last; ++block) {
+    const BwdTensors<x_t, dy_t> t{x.const_data_ptr<x_t>(), dy.const_data_ptr<dy_t>(),
+                                  dres.defined() ? dres.const_data_ptr<x_t>() : nullptr,
+                                  dx.data_ptr<x_t>()};
+    // backward_sweep<kRows, kWeight> with kWeight from whether there is a weight.
+    auto sweep = [&](auto rows_tag, int64_t first, auto& first_sums, int64_t second,
+                     const auto& second_sums, float* gw, float* gb) {
+      constexpr int kRows = decltype(rows_tag)::value;
+      if (args.w != nullptr) {
+        backward_sweep<kRows, true>(args, t, first, first_sums, second, second_sums, gw, gb);
+      } else {
+        backward_sweep<kRows, false>(args, t, first, first_sums, second, second_sums, gw, gb);
+      }
+    };
+    using Group = std::integral_constant<int, kBackwardRows>;
+    using One = std::integral_constant<int, 1>;
+    at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t last_block) {
+      for (int64_t block = first_block; block < last_block; ++block) {
         float* bw = pw != nullptr ? pw + block * 2 * n : nullptr;  // {total, group}
         float* bb = pb != nullptr ? pb + block * 2 * n : nullptr;
         if (bw != nullptr) std::memset(bw, 0, 2 * n * sizeof(float));
         if (bb != nullptr) std::memset(bb, 0, 2 * n * sizeof(float));
         const int64_t begin = rows * block / blocks;
         const int64_t end = rows * (block + 1) / blocks;
-        float* gw = bw != nullptr ? bw + n : nullptr;  // the group's sums
+        float* gw = bw != nullptr ? bw + n : nullptr;  // the row group's sums
         float* gb = bb != nullptr ? bb + n : nullptr;
-        for (int64_t r = begin; r < end;) {
-          // kBackwardRows rows at a time from the block's start: the steps never cross a group.
-          const int64_t o = r * n;
-          const x_t* dres_row = dresp != nullptr ? dresp + o : nullptr;
-          const bool together = r + kBackwardRows <= end && n <= kBackwardRowsMaxN;
-          if (args.w != nullptr) {
-            together ? backward_rows<kBackwardRows, true>(args, r, xp + o, dyp + o, dres_row,
-                                                          dxp + o, gw, gb)
-                     : backward_rows<1, true>(args, r, xp + o, dyp + o, dres_row, dxp + o, gw, gb);
-          } else {
-            together ? backward_rows<kBackwardRows, false>(args, r, xp + o, dyp + o, dres_row,
-                                                           dxp + o, gw, gb)
-                     : backward_rows<1, false>(args, r, xp + o, dyp + o, dres_row, dxp + o, gw,
-                                               gb);
+        // Folds the row group's sums into the block's after `done` rows (from the block's start).
+        auto fold_after = [&](int64_t done) {
+          if ((done - begin) % kRowGroup == 0 || done == end) {
+            if (bw != nullptr) fold_group(bw, gw, n);
+            if (bb != nullptr) fold_group(bb, gb, n);
           }
-          r += together ? kBackwardRows : 1;
-          if ((r - begin) % kRowGroup == 0 || r == end) {
-            if (bw != nullptr) fold_group(bw, bw + n, n);
-            if (bb != nullptr) fold_group(bb, bb + n, n);
-          }
+        };
+        // Groups of kBackwardRows from the block's start (they never straddle a row group): sweep
+        // g does pass 1 of group g and pass 2 of group g - 1; one more sweep ends the last.
+        const int64_t grouped =
+            n <= kBackwardRowsMaxN ? (end - begin) / kBackwardRows * kBackwardRows : 0;
+        GroupSums<kBackwardRows> sums[2];
+        for (int64_t g = 0; g * kBackwardRows <= grouped && grouped > 0; ++g) {
+          const int64_t r = begin + g * kBackwardRows;
+          const bool has_pass1 = r < begin + grouped;
+          sweep(Group{}, has_pass1 ? r : -1, sums[g % 2], g > 0 ? r - kBackwardRows : -1,
+                sums[(g + 1) % 2], gw, gb);
+          if (has_pass1) fold_after(r + kBackwardRows);
+        }
+        for (int64_t r = begin + grouped; r < end; ++r) {  // the rest, a row at a time
+          GroupSums<1> row_sums;
+          sweep(One{}, r, row_sums, -1, row_sums, gw, gb);
+          sweep(One{}, -1, row_sums, r, row_sums, gw, gb);
+          fold_after(r + 1);
         }
       }
       if (args.stream) stream_fence();
