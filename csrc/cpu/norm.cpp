@@ -478,10 +478,11 @@ struct BwdArgs {
 //   and dy, loaded and stored once per group (each row's contribution still added in row order).
 //   Pass 2: dx = rstd * (wdy - mean(wdy) - x_hat * mean(wdy * x_hat)) + dresidual_out.
 
-// Rows in a group (a divisor of kRowGroup), while rows are at most kBackwardRowsMaxN wide (three
-// groups then stay in L2); the rows left over, and wider rows, go one at a time.
+// Rows in a group (a divisor of kRowGroup), while rows are at most kBackwardRowsMaxN wide (the
+// three groups in flight then stay well inside L2); the rows left over, and wider rows, go in
+// groups of one.
 constexpr int kBackwardRows = 4;
-constexpr int64_t kBackwardRowsMaxN = 16384;
+constexpr int64_t kBackwardRowsMaxN = 8192;
 
 // A group's pass-1 results, which its pass 2 needs.
 template <int kRows>
@@ -759,24 +760,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
             if (bb != nullptr) fold_group(bb, gb, n);
           }
         };
-        // Groups of kBackwardRows from the block's start (they never straddle a row group): sweep
-        // g does pass 1 of group g and pass 2 of group g - 1; one more sweep ends the last.
+        // Sweep g does pass 1 of rows [from + g * kRows, + kRows) and pass 2 of the kRows rows
+        // before them; one more sweep ends the last group.
+        auto pipeline = [&](auto rows_tag, int64_t from, int64_t to) {
+          constexpr int kRows = decltype(rows_tag)::value;
+          GroupSums<kRows> sums[2];
+          for (int64_t g = 0, r = from; from < to && r <= to; ++g, r += kRows) {
+            const bool has_pass1 = r < to;
+            sweep(rows_tag, has_pass1 ? r : -1, sums[g % 2], g > 0 ? r - kRows : -1,
+                  sums[(g + 1) % 2], gw, gb);
+            if (has_pass1) fold_after(r + kRows);
+          }
+        };
+        // Groups of kBackwardRows from the block's start (so none straddles a row group), then
+        // the rows left over one at a time.
         const int64_t grouped =
             n <= kBackwardRowsMaxN ? (end - begin) / kBackwardRows * kBackwardRows : 0;
-        GroupSums<kBackwardRows> sums[2];
-        for (int64_t g = 0; g * kBackwardRows <= grouped && grouped > 0; ++g) {
-          const int64_t r = begin + g * kBackwardRows;
-          const bool has_pass1 = r < begin + grouped;
-          sweep(Group{}, has_pass1 ? r : -1, sums[g % 2], g > 0 ? r - kBackwardRows : -1,
-                sums[(g + 1) % 2], gw, gb);
-          if (has_pass1) fold_after(r + kBackwardRows);
-        }
-        for (int64_t r = begin + grouped; r < end; ++r) {  // the rest, a row at a time
-          GroupSums<1> row_sums;
-          sweep(One{}, r, row_sums, -1, row_sums, gw, gb);
-          sweep(One{}, -1, row_sums, r, row_sums, gw, gb);
-          fold_after(r + 1);
-        }
+        pipeline(Group{}, begin, begin + grouped);
+        pipeline(One{}, begin + grouped, end);
       }
       if (args.stream) stream_fence();
     });
