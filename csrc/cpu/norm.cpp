@@ -1,5 +1,5 @@
-// CPU LayerNorm / RMSNorm over the last dimension of a contiguous (rows, N) tensor, with an optional
-// fused residual add: the forward (norm_fwd) and its backward (norm_bwd). The math is
+// CPU LayerNorm / RMSNorm over the last dimension of a contiguous (rows, N) tensor, with an
+// optional fused residual add: the forward (norm_fwd) and its backward (norm_bwd). The math is
 // fusedopt/reference.py::_norm; the ops' contract is in csrc/fusedopt.cpp.
 //
 // Forward, one row at a time (rows split over threads), every pass after the first reading the
@@ -620,6 +620,7 @@ FUSEDOPT_INLINE void backward_sweep(const BwdArgs& a, const BwdTensors<x_t, dy_t
       }
     }
   }
+  if (!pass1) return;
   for (int k = 0; k < kRows; ++k) {
     first_sums.wdy[k] = sum_wdy[k];
     first_sums.wdy_xhat[k] = sum_wdy_xhat[k];
@@ -724,8 +725,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
   float* pw = partial_w.defined() ? partial_w.data_ptr<float>() : nullptr;
   float* pb = partial_b.defined() ? partial_b.data_ptr<float>() : nullptr;
 
-  const BwdArgs args{rows, n, rms, should_stream(dx), w.defined() ? w.const_data_ptr<float>() : nullptr,
-                     rms ? nullptr : mean.const_data_ptr<float>(), rstd.const_data_ptr<float>()};
+  const BwdArgs args{rows,
+                     n,
+                     rms,
+                     should_stream(dx),
+                     w.defined() ? w.const_data_ptr<float>() : nullptr,
+                     rms ? nullptr : mean.const_data_ptr<float>(),
+                     rstd.const_data_ptr<float>()};
   auto run = [&](auto x_tag, auto dy_tag) {
     using x_t = decltype(x_tag);
     using dy_t = decltype(dy_tag);
