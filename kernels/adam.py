@@ -24,7 +24,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .multi_tensor import (
-    BLOCK_SIZES,
     check_amp_scalars,
     check_lengths,
     check_tensor_lists,
@@ -374,12 +373,7 @@ def adam(
     )
     if not params:
         return
-    block_size = BLOCK_SIZES[params[0].dtype]
-    lr_is_tensor = isinstance(lr, Tensor)
     scalars = dict(
-        lr=lr,
-        grad_scale_ptr=grad_scale,
-        found_inf_ptr=found_inf,
         lerp_weight=1.0 - beta1,
         beta2=beta2,
         one_minus_beta2=1.0 - beta2,
@@ -392,15 +386,12 @@ def adam(
         AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize),
         DECOUPLED_WEIGHT_DECAY=bool(decoupled_weight_decay),
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        LR_IS_TENSOR=lr_is_tensor,
-        BLOCK_SIZE=block_size,
     )
 
     launch(_adam_tensor_kernel, _adam_multi_tensor_kernel,
            [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None],
-           multi_tensor=multi_tensor, scalars=scalars, flags=flags,
+           multi_tensor=multi_tensor, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+           scalars=scalars, flags=flags,
            extra_per_tensor=[state_steps])
 
     # The kernels used step + 1; now advance the stored steps (not at all when found_inf != 0).

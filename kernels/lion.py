@@ -18,7 +18,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .multi_tensor import (
-    BLOCK_SIZES,
     check_amp_scalars,
     check_lengths,
     check_tensor_lists,
@@ -266,24 +265,15 @@ def lion(
     _check_inputs(params, grads, exp_avgs, lr, beta1, beta2, grad_scale, found_inf)
     if not params:
         return
-    block_size = BLOCK_SIZES[params[0].dtype]
     scalars = dict(
-        lr=lr,
-        grad_scale_ptr=grad_scale,
-        found_inf_ptr=found_inf,
         beta1=beta1,
         one_minus_beta1=1.0 - beta1,
         beta2=beta2,
         one_minus_beta2=1.0 - beta2,
         weight_decay=weight_decay,
     )
-    flags = dict(
-        MAXIMIZE=bool(maximize),
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        LR_IS_TENSOR=isinstance(lr, Tensor),
-        BLOCK_SIZE=block_size,
-    )
+    flags = dict(MAXIMIZE=bool(maximize))
 
     launch(_lion_tensor_kernel, _lion_multi_tensor_kernel, [params, grads, exp_avgs],
-           multi_tensor=multi_tensor, scalars=scalars, flags=flags)
+           multi_tensor=multi_tensor, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+           scalars=scalars, flags=flags)

@@ -163,16 +163,24 @@ def launch(
     lists: list[Sequence[Tensor] | None],
     *,
     multi_tensor: bool | None,
+    lr: float | Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
     scalars: dict,
     flags: dict,
     extra_per_tensor: Sequence[Sequence[Tensor]] = (),
 ) -> None:
     """Launches an algorithm's kernels over parallel tensor lists (None: a list this call does
-    not use). Multi-tensor (default on CUDA): one launch of multi_tensor_kernel(tensor_table,
-    block_table, **scalars, DTYPE, ALIGNED_16, CHUNK_SIZE, **flags). Per-tensor (elsewhere, and
-    in the interpreter): tensor_kernel(tensor of each list, extra tensors, numel, **scalars,
-    **flags) once per non-empty tensor, over cdiv(numel, BLOCK_SIZE) programs."""
+    not use). Every kernel also takes lr, grad_scale_ptr, found_inf_ptr and the flags LR_IS_TENSOR,
+    HAS_GRAD_SCALE, HAS_FOUND_INF and BLOCK_SIZE, which are derived here. Multi-tensor (default
+    on CUDA): one launch of multi_tensor_kernel(tensor_table, block_table, **scalars, DTYPE,
+    ALIGNED_16, CHUNK_SIZE, **flags). Per-tensor (elsewhere, and in the interpreter):
+    tensor_kernel(tensor of each list, extra tensors, numel, **scalars, **flags) once per
+    non-empty tensor, over cdiv(numel, BLOCK_SIZE) programs."""
     params = lists[0]
+    scalars = dict(scalars, lr=lr, grad_scale_ptr=grad_scale, found_inf_ptr=found_inf)
+    flags = dict(flags, LR_IS_TENSOR=isinstance(lr, Tensor), HAS_GRAD_SCALE=grad_scale is not None,
+                 HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=BLOCK_SIZES[params[0].dtype])
     if multi_tensor is None:
         multi_tensor = params[0].device.type == "cuda"
     if multi_tensor:

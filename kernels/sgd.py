@@ -20,7 +20,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .multi_tensor import (
-    BLOCK_SIZES,
     check_amp_scalars,
     check_lengths,
     check_tensor_lists,
@@ -281,27 +280,20 @@ def sgd(
     _check_inputs(params, grads, momentum_buffers, lr, momentum, grad_scale, found_inf)
     if not params:
         return
-    block_size = BLOCK_SIZES[params[0].dtype]
     has_momentum = momentum != 0
     scalars = dict(
-        lr=lr,
-        grad_scale_ptr=grad_scale,
-        found_inf_ptr=found_inf,
         momentum=momentum,
         one_minus_dampening=1.0 - dampening,
         weight_decay=weight_decay,
     )
     flags = dict(
         MAXIMIZE=bool(maximize),
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
         HAS_MOMENTUM=has_momentum,
         NESTEROV=bool(nesterov) and has_momentum,
         IS_FIRST_STEP=bool(is_first_step) and has_momentum,
-        LR_IS_TENSOR=isinstance(lr, Tensor),
-        BLOCK_SIZE=block_size,
     )
 
     launch(_sgd_tensor_kernel, _sgd_multi_tensor_kernel,
            [params, grads, momentum_buffers if has_momentum else None],
-           multi_tensor=multi_tensor, scalars=scalars, flags=flags)
+           multi_tensor=multi_tensor, lr=lr, grad_scale=grad_scale, found_inf=found_inf,
+           scalars=scalars, flags=flags)
