@@ -28,6 +28,17 @@ def _store_unless(found_inf: Tensor | None):
     return store
 
 
+def _unscaled_grad(grad: Tensor, dtype: torch.dtype, grad_scale: Tensor | None, maximize: bool,
+                   store) -> Tensor:
+    """The grad in the compute dtype, divided by grad_scale (and stored back so, as GradScaler's
+    unscale would), then negated when maximizing."""
+    value = grad.to(dtype)
+    if grad_scale is not None:
+        value = value / grad_scale.to(value.device, dtype)
+        store(grad, value)
+    return -value if maximize else value
+
+
 def adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -66,12 +77,7 @@ def adam(
         step = state_steps[i].to(torch.float64) + 1
         store(state_steps[i], step)
 
-        grad = grads[i].to(dtype)
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, dtype)
-            store(grads[i], grad)
-        if maximize:
-            grad = -grad
+        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
 
         p = param.to(dtype)
         if weight_decay != 0:
@@ -122,12 +128,7 @@ def lion(
     store = _store_unless(found_inf)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
-        grad = grads[i].to(dtype)
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, dtype)
-            store(grads[i], grad)
-        if maximize:
-            grad = -grad
+        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
         exp_avg = exp_avgs[i].to(dtype)
         update = (beta1 * exp_avg + (1 - beta1) * grad).sign()
         p = param.to(dtype) * (1 - lr * weight_decay)
@@ -165,12 +166,7 @@ def sgd(
     store = _store_unless(found_inf)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
-        grad = grads[i].to(dtype)
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(grad.device, dtype)
-            store(grads[i], grad)
-        if maximize:
-            grad = -grad
+        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
         p = param.to(dtype)
         if weight_decay != 0:
             grad = grad + weight_decay * p
