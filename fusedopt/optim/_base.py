@@ -3,7 +3,7 @@ keyword, GradScaler support inside the step, and `step` tensors on the params' d
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,6 +31,18 @@ def add_to_group(groups: dict[tuple, list[list[Tensor]]], tensors: list[Tensor],
     for lst, t in zip(lists, tensors):
         lst.append(t)
     return lists
+
+
+def params_with_grads(group: dict[str, Any], sparse_error: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """(param, grad) for the group's params that have a grad; a sparse grad raises
+    RuntimeError(sparse_error), the optimizer's message as torch words it."""
+    for p in group["params"]:
+        grad = p.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            raise RuntimeError(sparse_error)
+        yield p, grad
 
 
 class FusedOptimizer(Optimizer):

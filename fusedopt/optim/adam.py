@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, add_to_group, to_float
+from fusedopt.optim._base import FusedOptimizer, add_to_group, params_with_grads, to_float
 
 
 class Adam(FusedOptimizer):
@@ -96,14 +96,8 @@ class Adam(FusedOptimizer):
         one set per (device, dtype); complex tensors viewed as real pairs, as torch does."""
         amsgrad = group["amsgrad"]
         by_device_and_dtype: dict[tuple, list[list[Tensor]]] = {}
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError(
-                    "Adam does not support sparse gradients, please consider SparseAdam instead"
-                )
+        sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+        for p, grad in params_with_grads(group, sparse_error):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = self._step_tensor(p)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, add_to_group, to_float
+from fusedopt.optim._base import FusedOptimizer, add_to_group, params_with_grads, to_float
 
 
 class Lion(FusedOptimizer):
@@ -62,12 +62,7 @@ class Lion(FusedOptimizer):
         """[params, grads, exp_avgs] of the group's params that have grads, one set per
         (device, dtype); complex tensors viewed as real pairs."""
         by_device_and_dtype: dict[tuple, list[list[Tensor]]] = {}
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError("Lion does not support sparse gradients")
+        for p, grad in params_with_grads(group, "Lion does not support sparse gradients"):
             state = self.state[p]
             if len(state) == 0:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

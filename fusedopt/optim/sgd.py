@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, add_to_group, to_float
+from fusedopt.optim._base import FusedOptimizer, add_to_group, params_with_grads, to_float
 
 
 class SGD(FusedOptimizer):
@@ -76,13 +76,9 @@ class SGD(FusedOptimizer):
         which their first step sets to the grad. Complex tensors are viewed as real pairs."""
         with_momentum = group["momentum"] != 0
         by_key: dict[tuple, list[list[Tensor]]] = {}
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError("fusedopt.SGD does not support sparse gradients (as torch's "
-                                   "fused SGD); use torch.optim.SGD for them")
+        for p, grad in params_with_grads(
+                group, "fusedopt.SGD does not support sparse gradients (as torch's fused SGD); "
+                "use torch.optim.SGD for them"):
             tensors = [p, grad]
             first_step = False
             if with_momentum:
