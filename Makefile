@@ -6,7 +6,9 @@ SHELL := /bin/bash
 
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton
-VENV ?= .venv
+# One virtual environment per torch spec (.venv-torch-2.13.0, .venv-torch-2.14.1, ...), so that
+# `make test TORCH_SPEC=...` gets that torch and switching back reinstalls nothing.
+VENV ?= .venv-$(subst ==,-,$(subst $(eval) ,,$(TORCH_SPEC)))
 FUSEDOPT_BUILD_EXT ?= auto
 export FUSEDOPT_BUILD_EXT
 
@@ -17,7 +19,12 @@ else
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 endif
-BUILD_STAMP := build/.built-$(notdir $(PY))
+# The extension is built in place (fusedopt/_C*.so) for one interpreter at a time; the stamp
+# names it, and another interpreter rebuilds.
+BUILD_STAMP := build/.built
+ifneq ($(shell cat $(BUILD_STAMP) 2>/dev/null),$(PY))
+.PHONY: $(BUILD_STAMP)
+endif
 SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
 .PHONY: test demo bench setup build clean
@@ -40,7 +47,7 @@ setup: $(SETUP_STAMP)
 $(BUILD_STAMP): $(SETUP_STAMP) $(SOURCES)
 	mkdir -p build
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	touch $@
+	echo "$(PY)" > $@
 
 build: $(BUILD_STAMP)
 

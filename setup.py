@@ -3,6 +3,8 @@
 FUSEDOPT_BUILD_EXT=auto (default): build the extension, warn and go on without it if that fails.
 FUSEDOPT_BUILD_EXT=1: a failed build is fatal (CI).   FUSEDOPT_BUILD_EXT=0: pure-Python install.
 FUSEDOPT_CPU_ARCH=auto|avx512|avx2|generic: CPU vector width (auto: the widest the build machine has).
+TORCH_CUDA_ARCH_LIST: GPU archs of the CUDA sources (default: the visible GPUs', else
+DEFAULT_CUDA_ARCHS).
 """
 
 import glob
@@ -21,6 +23,10 @@ if BUILD_EXT not in ("auto", "0", "1"):
 PACKAGES = ["fusedopt", "fusedopt.optim", "fusedopt.nn", "fusedopt.kernels"]
 PACKAGE_DIR = {"fusedopt.kernels": "kernels"}
 
+
+# GPUs the CUDA kernels are built for when none is visible and TORCH_CUDA_ARCH_LIST is unset:
+# A100 (8.0) and H100 / H200 (9.0), plus PTX that newer GPUs compile when loading.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
           "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
@@ -57,6 +63,26 @@ def nvcc_major(torch_utils) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def fix_cuda_home(torch_utils) -> None:
+    """torch guesses CUDA_HOME (unset) as the parent of the nvcc on PATH. Where that nvcc is a
+    wrapper script (/usr/local/bin/nvcc on this project's build machines), the guess holds no
+    CUDA libraries and linking fails (-lcudart): take the toolkit nvcc reports (-dryrun: TOP=)."""
+    home = torch_utils.CUDA_HOME
+    if not home or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if any(glob.glob(os.path.join(home, lib, "libcudart.so*")) for lib in ("lib64", "lib")):
+        return
+    try:
+        out = subprocess.run(
+            [os.path.join(home, "bin", "nvcc"), "-dryrun", "-x", "cu", "-c", os.devnull, "-o",
+             os.devnull], capture_output=True, text=True).stderr
+    except OSError:
+        return
+    match = re.search(r"^#\$ TOP=(.+)$", out, re.MULTILINE)
+    if match:
+        torch_utils.CUDA_HOME = os.path.realpath(match.group(1).strip())
+
+
 def extension_modules():
     if BUILD_EXT == "0":
         return [], {}
@@ -71,15 +97,23 @@ def extension_modules():
 
     sources = ["csrc/fusedopt.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without it, one thread.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", *cpu_flags()]
+    # No -std: torch's BuildExtension adds the C++ standard its own headers need (torch 2.14's
+    # refuse C++17), here and for nvcc.
+    cxx = ["-O3", "-fopenmp", *cpu_flags()]
     extra = {"cxx": cxx}
     extension = cpp_extension.CppExtension
     torch_cuda = torch.version.cuda
+    if torch_cuda:
+        fix_cuda_home(cpp_extension)
     major = nvcc_major(cpp_extension) if torch_cuda else None
     if torch_cuda and major == int(torch_cuda.split(".")[0]):
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17"]  # no fast math: denormals as torch keeps them
+        extra["nvcc"] = ["-O3"]  # no fast math: denormals as torch keeps them
         extension = cpp_extension.CUDAExtension
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch derives the archs from the visible GPUs and fails where there are none
+            # (build servers, Docker images): build for the GPUs these kernels target instead.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     elif torch_cuda:
         print(
             f"fusedopt: skipping the CUDA sources: nvcc major {major} does not match torch's CUDA "

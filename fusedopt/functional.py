@@ -13,6 +13,10 @@ from torch import Tensor
 from fusedopt import _backends, _ops, reference
 
 
+# Storage dtypes the fused kernels take (computing in fp32); fp64 runs in the reference, in fp64.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
     """A scalar tensor (lr, grad_scale, found_inf) on the params' device, without a host sync."""
     if t is None or t.device == device:
@@ -38,6 +42,8 @@ def _step(algorithm: str, lists: tuple[list[Tensor], ...], backend: str, **kwarg
         return
     device = lists[0][0].device
     name = _backends.resolve(backend, device)
+    if lists[0][0].dtype not in KERNEL_DTYPES:
+        name = "reference"  # fp64 (and complex128 as fp64 pairs): full precision in plain torch
     lr = kwargs["lr"]
     tensor_lr = isinstance(lr, Tensor)
     if tensor_lr and name != "reference":
@@ -149,21 +155,19 @@ def _norm(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LayerNorm / RMSNorm over the trailing `normalized_shape` dims, flattened into one."""
     normalized_shape = tuple(normalized_shape)
-    dims = len(normalized_shape)
-    fits = all(t is None or tuple(t.shape[t.dim() - dims:]) == normalized_shape
-               for t in (x, weight, bias, residual))
-    if not fits or x.dim() < dims or (residual is not None and residual.shape != x.shape):
-        _raise_torch_shape_error(x, normalized_shape, weight, bias, eps, rms)
+    _check_as_torch(x, normalized_shape, weight, bias, eps, rms)
+    if residual is not None and residual.shape != x.shape:
+        raise RuntimeError(f"fusedopt: residual of size {list(residual.shape)} does not match "
+                           f"the input of size {list(x.shape)}")
     name = _backends.resolve(backend, x.device)
     if name == "triton" and x.device.type != "cuda":
         raise RuntimeError("fusedopt: the Triton norm kernels run on CUDA tensors (in Triton's "
                            "interpreter, call fusedopt.kernels.norm directly)")
     n = math.prod(normalized_shape)
     flat = (lambda t: None if t is None else t.reshape(-1, n))
-    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
     if (name == "reference" or x.device.type not in _ops.NORM_DEVICES
-            or any(t is not None and t.dtype not in kernel_dtypes
-                   for t in (x, weight, bias, residual))):  # fp64: the reference computes it
+            or any(t is not None and t.dtype not in KERNEL_DTYPES
+                   for t in (x, weight, bias, residual))):  # fp64, complex: the reference
         out = reference._norm(flat(x), flat(weight), flat(bias), eps, rms=rms,
                               residual=flat(residual), residual_in_fp32=residual_in_fp32,
                               zero_centered_weight=zero_centered_weight)
@@ -178,14 +182,28 @@ def _norm(
     return y if residual is None else (y, residual_out.reshape(x.shape))
 
 
-def _raise_torch_shape_error(x, normalized_shape, weight, bias, eps, rms) -> None:
-    """torch's own exception for a normalized_shape that does not fit x."""
+def _check_as_torch(x, normalized_shape, weight, bias, eps, rms) -> None:
+    """Raises torch's own exception for an input torch's norm rejects: a normalized_shape that is
+    empty or does not fit x, weight or bias; a dtype torch has no kernel for (integers; complex
+    LayerNorm); LayerNorm params whose dtype neither matches x nor is fp32 for bf16 / fp16 x."""
+    dims = len(normalized_shape)
+    fits = (dims > 0 and x.dim() >= dims and tuple(x.shape[x.dim() - dims:]) == normalized_shape
+            and all(t is None or tuple(t.shape) == normalized_shape for t in (weight, bias)))
+    supported = x.is_floating_point() or (rms and x.is_complex())
+    if not rms:
+        reduced = x.dtype in (torch.bfloat16, torch.float16)
+        supported = supported and all(t is None or t.dtype == x.dtype
+                                      or (reduced and t.dtype == torch.float32)
+                                      for t in (weight, bias))
+    if fits and supported:
+        return
     if rms:
         torch.nn.functional.rms_norm(x, list(normalized_shape), weight, eps)
     else:
         torch.nn.functional.layer_norm(x, list(normalized_shape), weight, bias, eps)
-    raise RuntimeError(f"fusedopt: normalized_shape {list(normalized_shape)} does not fit an "
-                       f"input of size {list(x.shape)} (or its weight, bias or residual)")
+    if not fits:  # torch accepted it (it does not on any version seen); do not guess
+        raise RuntimeError(f"fusedopt: normalized_shape {list(normalized_shape)} does not fit an "
+                           f"input of size {list(x.shape)} (or its weight or bias)")
 
 
 def layer_norm(

@@ -16,6 +16,13 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _in_compute_dtype(value: float | Tensor, dtype: torch.dtype, device: torch.device
+                      ) -> float | Tensor:
+    """A tensor hyperparameter (lr) in the compute dtype on the param's device, so that an fp32
+    lr does not round fp64 math (lr * weight_decay); a float as it is."""
+    return value.to(device, dtype) if isinstance(value, Tensor) else value
+
+
 def _store_unless(found_inf: Tensor | None):
     """store(dst, value): dst = value in dst's dtype, except where GradScaler found an inf
     (found_inf != 0), which keeps dst; decided on the device, with no host sync."""
@@ -74,6 +81,7 @@ def adam(
     store = _store_unless(found_inf)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
+        lr_i = _in_compute_dtype(lr, dtype, param.device)
         step = state_steps[i].to(torch.float64) + 1
         store(state_steps[i], step)
 
@@ -82,7 +90,7 @@ def adam(
         p = param.to(dtype)
         if weight_decay != 0:
             if decoupled_weight_decay:
-                p = p * (1 - lr * weight_decay)
+                p = p * (1 - lr_i * weight_decay)
             else:
                 grad = grad + weight_decay * p
 
@@ -97,7 +105,7 @@ def adam(
         step = step.to(param.device)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step).sqrt()
-        step_size = (lr / bias_correction1).to(dtype)
+        step_size = (lr_i / bias_correction1).to(dtype)
         denom = exp_avg_sq.sqrt() / bias_correction2_sqrt.to(dtype) + eps
         store(param, p - step_size * exp_avg / denom)
 
@@ -131,8 +139,9 @@ def lion(
         grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
         exp_avg = exp_avgs[i].to(dtype)
         update = (beta1 * exp_avg + (1 - beta1) * grad).sign()
-        p = param.to(dtype) * (1 - lr * weight_decay)
-        store(param, p - lr * update)
+        lr_i = _in_compute_dtype(lr, dtype, param.device)
+        p = param.to(dtype) * (1 - lr_i * weight_decay)
+        store(param, p - lr_i * update)
         store(exp_avgs[i], beta2 * exp_avg + (1 - beta2) * grad)
 
 
@@ -177,7 +186,7 @@ def sgd(
                 buf = momentum * momentum_buffers[i].to(dtype) + (1 - dampening) * grad
             store(momentum_buffers[i], buf)
             grad = grad + momentum * buf if nesterov else buf
-        store(param, p - lr * grad)
+        store(param, p - _in_compute_dtype(lr, dtype, param.device) * grad)
 
 
 def _norm(
@@ -191,28 +200,31 @@ def _norm(
     residual_in_fp32: bool,
     zero_centered_weight: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """LayerNorm / RMSNorm over the last dimension, in fp32, differentiable by autograd."""
+    """LayerNorm / RMSNorm over the last dimension, differentiable by autograd. Computes in fp32
+    for fp32 / bf16 / fp16 storage, in fp64 for fp64 and in complex arithmetic for complex x
+    (RMSNorm as torch's: s * rsqrt(mean(s * s) + eps), no conjugate)."""
     out_dtype = x.dtype
     residual_out = None
     if residual is not None:
         # What is normalized is s as stored (rounded to its dtype), so that the backward pass,
         # which recomputes from the stored s, differentiates exactly the forward.
-        residual_out = x.float() + residual.float()
-        residual_out = residual_out if residual_in_fp32 else residual_out.to(out_dtype)
+        dtype = torch.promote_types(_compute_dtype(x), residual.dtype)
+        kept = torch.promote_types(out_dtype, torch.float32) if residual_in_fp32 else out_dtype
+        residual_out = (x.to(dtype) + residual.to(dtype)).to(kept)
         x = residual_out
     x_hat, _ = _normalize(x, eps, rms)
     y = x_hat
     if weight is not None:
-        y = y * _effective_weight(weight, zero_centered_weight)
+        y = y * _effective_weight(weight, zero_centered_weight, y.dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(y.dtype)
     y = y.to(out_dtype)
     return y if residual_out is None else (y, residual_out)
 
 
 def _normalize(x: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor]:
-    """(x_hat, rstd) of each row of x, in fp32."""
-    h = x.float()
+    """(x_hat, rstd) of each row of x, in x's compute dtype (fp32, fp64 or complex)."""
+    h = x.to(_compute_dtype(x))
     if rms:
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return h * rstd, rstd
@@ -221,8 +233,9 @@ def _normalize(x: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor]:
     return (h - mean) * rstd, rstd
 
 
-def _effective_weight(weight: Tensor, zero_centered_weight: bool) -> Tensor:
-    return 1 + weight.float() if zero_centered_weight else weight.float()
+def _effective_weight(weight: Tensor, zero_centered_weight: bool, dtype: torch.dtype) -> Tensor:
+    weight = weight.to(dtype)
+    return 1 + weight if zero_centered_weight else weight
 
 
 def _norm_backward(
@@ -235,14 +248,14 @@ def _norm_backward(
     rms: bool,
     zero_centered_weight: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(ds, dweight, dbias) of _norm without a residual, by the closed-form gradient in fp32
-    (in the dtypes of s, weight and bias). Plain torch ops, so these grads can be differentiated
+    """(ds, dweight, dbias) of _norm without a residual, by the closed-form gradient in the
+    compute dtype of s (real dtypes only; in the dtypes of s, weight and bias). Plain torch ops, so these grads can be differentiated
     again. With g = dy * w:
         LayerNorm: ds = rstd * (g - mean(g) - x_hat * mean(g * x_hat))
         RMSNorm:   ds = rstd * (g - x_hat * mean(g * x_hat))"""
     x_hat, rstd = _normalize(s, eps, rms)
-    dy = dy.float()
-    g = dy if weight is None else dy * _effective_weight(weight, zero_centered_weight)
+    dy = dy.to(x_hat.dtype)
+    g = dy if weight is None else dy * _effective_weight(weight, zero_centered_weight, dy.dtype)
     ds = g - x_hat * (g * x_hat).mean(-1, keepdim=True)
     if not rms:
         ds = ds - g.mean(-1, keepdim=True)
@@ -268,7 +281,8 @@ def layer_norm(
         s = x + residual                  (when a residual is given; returned too)
         y = (s - mean(s)) / sqrt(var(s) + eps) * w + b       (w = 1 + weight if zero-centered)
 
-    Statistics in fp32; y in x's dtype; s in fp32 if residual_in_fp32, else x's dtype."""
+    Statistics in fp32 (fp64 for fp64 x); y in x's dtype; s in fp32 if residual_in_fp32 (fp64
+    stays fp64), else x's dtype."""
     return _norm(x, weight, bias, eps, rms=False, residual=residual,
                  residual_in_fp32=residual_in_fp32, zero_centered_weight=zero_centered_weight)
 

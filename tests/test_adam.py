@@ -35,7 +35,7 @@ CASES = [
     ("all_options", {"weight_decay": 0.05, "amsgrad": True, "maximize": True}, {}),
     ("betas_eps", {"betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.2}, {}),
 ]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 def resolve_lr(kwargs: dict) -> dict:
@@ -47,9 +47,13 @@ def resolve_lr(kwargs: dict) -> dict:
 
 def run_pair(optimizer_cls, case_kwargs, fused_only, backend, dtype):
     kwargs = resolve_lr(case_kwargs)
+    # fp64 with an fp32 tensor lr: torch's for-loop rounds lr / bias_correction1 to fp32; its
+    # fused step, like ours, takes the fp32 lr's value exactly and computes in fp64.
+    oracle = ({"fused": True} if dtype == torch.float64 and case_kwargs.get("lr") == "tensor"
+              else {"foreach": False})
     return run_side_by_side(
         lambda ps: getattr(fusedopt, optimizer_cls)(ps, **kwargs, **fused_only, backend=backend),
-        lambda ps: getattr(torch.optim, optimizer_cls)(ps, **kwargs, foreach=False),
+        lambda ps: getattr(torch.optim, optimizer_cls)(ps, **kwargs, **oracle),
         dtype,
     )
 

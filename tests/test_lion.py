@@ -30,15 +30,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("backend", cpu_backend_params())
 @pytest.mark.parametrize("case_id,kwargs", CASES, ids=[c[0] for c in CASES])
-def test_steps_match_lion_pytorch(case_id, kwargs, backend):
-    """fp32 against lion-pytorch in fp64 over 20 steps."""
+def test_steps_match_lion_pytorch(case_id, kwargs, backend, dtype):
+    """fp64 / fp32 against lion-pytorch in fp64 over 20 steps."""
     kwargs = {"lr": 1e-2, **kwargs}
     params, twins, ours, theirs = run_side_by_side(
         lambda ps: fusedopt.Lion(ps, **kwargs, backend=backend),
-        lambda ps: lion_pytorch.Lion(ps, **kwargs), torch.float32, steps=20)
-    assert_same_state(params, twins, ours, theirs, torch.float32)
+        lambda ps: lion_pytorch.Lion(ps, **kwargs), dtype, steps=20)
+    assert_same_state(params, twins, ours, theirs, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -395,3 +395,98 @@ def test_triton_norm_kernels_match_reference(case, dtype, wide, monkeypatch):
             want = t.grad if t.grad is not None else torch.zeros_like(t)
             torch.testing.assert_close(got.float(), want.float(), atol=atol * 4 * scale,
                                        rtol=rtol * 4)
+
+
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("module", ["LayerNorm", "RMSNorm"])
+def test_fp64_modules_pass_gradcheck_and_gradgradcheck(module, backend):
+    """fp64 storage gets fp64 math (never fp32), so torch's finite-difference checks pass."""
+    norm = getattr(fusedopt, module)(13, dtype=torch.float64, backend=backend)
+    with torch.no_grad():
+        norm.weight.normal_()
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.normal_()
+    x = (torch.randn(3, 13, dtype=torch.float64) + 0.5).requires_grad_(True)
+    inputs = (x, *norm.parameters())
+
+    def fn(x, *params):
+        return torch.func.functional_call(norm, dict(zip(("weight", "bias"), params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    theirs = getattr(torch.nn, module)(13, dtype=torch.float64)
+    theirs.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(norm(x), theirs(x), atol=1e-14, rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("residual", [False, True])
+def test_fp64_residual_norm_is_fp64(residual, backend):
+    x = torch.randn(4, 33, dtype=torch.float64) + 0.2
+    res = torch.randn(4, 33, dtype=torch.float64) if residual else None
+    weight = torch.randn(33, dtype=torch.float64)
+    out = functional.layer_norm(x, (33,), weight, None, residual=res, residual_in_fp32=True,
+                                backend=backend)
+    y, s = out if residual else (out, x)
+    assert s.dtype == torch.float64
+    expected = torch.nn.functional.layer_norm(x if res is None else x + res, (33,), weight)
+    torch.testing.assert_close(y, expected, atol=1e-14, rtol=1e-14)
+
+
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32, torch.complex64])
+def test_complex_rms_norm_matches_torch(weight_dtype, backend):
+    """torch's rms_norm takes complex input (x * rsqrt(mean(x * x) + eps), no conjugate):
+    values and the grads of x and weight, against torch in complex128."""
+    x = torch.randn(5, 2, 24, dtype=torch.complex64) + 0.3
+    weight = None if weight_dtype is None else torch.randn(24, dtype=weight_dtype)
+    ours_x = leaf(x)
+    ours_w = None if weight is None else leaf(weight)
+    ref_x = leaf(x.to(torch.complex128))
+    ref_w = None if weight is None else leaf(weight.to(torch.promote_types(weight.dtype,
+                                                                          torch.float64)))
+    y = functional.rms_norm(ours_x, (24,), ours_w, backend=backend)
+    y_ref = torch.nn.functional.rms_norm(ref_x, (24,), ref_w, eps=torch.finfo(torch.float32).eps)
+    assert y.dtype == torch.complex64
+    torch.testing.assert_close(y.to(torch.complex128), y_ref, atol=2e-5, rtol=2e-5)
+    grad_y = torch.randn(y.shape, dtype=torch.complex128)
+    (y.to(torch.complex128) * grad_y).real.sum().backward()
+    (y_ref * grad_y).real.sum().backward()
+    torch.testing.assert_close(ours_x.grad.to(torch.complex128), ref_x.grad, atol=1e-4,
+                               rtol=1e-4)
+    if weight is not None:
+        assert ours_w.grad.dtype == weight.dtype
+        torch.testing.assert_close(ours_w.grad.to(ref_w.dtype), ref_w.grad, atol=1e-4, rtol=1e-4)
+    module = fusedopt.RMSNorm(24, dtype=torch.complex64, backend=backend)
+    theirs = torch.nn.RMSNorm(24, dtype=torch.complex64)
+    torch.testing.assert_close(module(x), theirs(x), atol=2e-5, rtol=2e-5)
+
+
+def rejected_inputs(kind):
+    """(x, normalized_shape, weight, bias) that torch's norm rejects."""
+    x = torch.randn(3, 5)
+    cases = [
+        (x, (), None, None),  # empty normalized_shape
+        (x, (4,), None, None),  # does not fit x
+        (torch.randn(5), (3, 5), None, None),  # more dims than x
+        (x, (5,), torch.randn(1, 5), None),  # weight with an extra dim
+        (x, (5,), torch.randn(4), None),  # weight of the wrong size
+        (torch.randint(0, 3, (3, 5)), (5,), None, None),  # integers
+    ]
+    if kind == "layer":
+        cases += [
+            (x, (5,), torch.randn(5), torch.randn(4)),  # bias of the wrong size
+            (x, (5,), torch.randn(5, dtype=torch.float64), None),  # fp32 x, fp64 weight
+            (torch.randn(3, 5, dtype=torch.complex64), (5,), None, None),  # complex LayerNorm
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_every_input_torch_rejects_raises_torch_error(kind, backend):
+    for x, shape, weight, bias in rejected_inputs(kind):
+        with pytest.raises(Exception) as theirs:
+            torch_norm(kind, x, shape, weight, bias, 1e-5)
+        with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+            ours_norm(kind, x, shape, weight, bias, 1e-5, backend)

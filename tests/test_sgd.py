@@ -29,7 +29,7 @@ CASES = [
     ("maximize", {"momentum": 0.8, "maximize": True}),
     ("tensor_lr", {"momentum": 0.9, "lr": "tensor"}),
 ]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 def with_lr(kwargs: dict) -> dict:

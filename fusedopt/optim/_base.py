@@ -17,20 +17,37 @@ def to_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
-def add_to_group(groups: dict[tuple, list[list[Tensor]]], tensors: list[Tensor], width: int,
-                 *extra_key: object) -> list[list[Tensor]]:
-    """Appends one param's tensors to the parallel lists of its (device, dtype, *extra_key) group
-    (`width` lists, created on first use), complex tensors viewed as real pairs, as torch does.
-    Returns the group's lists."""
-    if tensors[0].is_complex():
-        tensors = [torch.view_as_real(t) for t in tensors]
-    key = (tensors[0].device, tensors[0].dtype, *extra_key)
-    lists = groups.get(key)
-    if lists is None:  # not setdefault: it would build `width` lists per param (a hot loop)
-        lists = groups[key] = [[] for _ in range(width)]
-    for lst, t in zip(lists, tensors):
-        lst.append(t)
-    return lists
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = None
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor the kernels update: a DTensor's local shard (FSDP2: elementwise steps need no
+    communication), a complex tensor viewed as real pairs (as torch does)."""
+    if DTensor is not None and isinstance(t, DTensor):
+        t = t.to_local()
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def group_tensors(lists: list[list], elementwise: int, extra_keys: list | None = None
+                  ) -> dict[tuple, list[list]]:
+    """Parallel lists (lists[0] the params; an empty list stays empty) split into one set per
+    (device, dtype[, extra_keys[i]]) of the params. The first `elementwise` lists are shaped like
+    the params and become what the kernels update (_local); the rest (step counts) pass as they
+    are. Called in step(), outside _init_group, so that torch.compile traces it."""
+    groups: dict[tuple, list[list]] = {}
+    for i, param in enumerate(lists[0]):
+        key = (param.device, param.dtype) if extra_keys is None else (
+            param.device, param.dtype, extra_keys[i])
+        out = groups.get(key)
+        if out is None:
+            out = groups[key] = [[] for _ in lists]
+        for j, lst in enumerate(lists):
+            if lst:
+                out[j].append(_local(lst[i]) if j < elementwise else lst[i])
+    return groups
 
 
 def params_with_grads(group: dict[str, Any], sparse_error: str) -> Iterator[tuple[Tensor, Tensor]]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, add_to_group, params_with_grads, to_float
+from fusedopt.optim._base import FusedOptimizer, group_tensors, params_with_grads, to_float
 
 
 class Adam(FusedOptimizer):
@@ -90,28 +90,33 @@ class Adam(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any]) -> list[list[list[Tensor]]]:
-        """The group's params that have grads, with their state (created on first use), as sets
-        of parallel lists [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps],
-        one set per (device, dtype); complex tensors viewed as real pairs, as torch does."""
-        amsgrad = group["amsgrad"]
-        by_device_and_dtype: dict[tuple, list[list[Tensor]]] = {}
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor]) -> bool:
+        """Appends the group's params that have grads, and their state (created on first use),
+        to the lists, as torch.optim.Adam does; returns whether any is complex. torch.compile
+        runs this eagerly (it is called _init_group and fills list arguments)."""
+        has_complex = False
         sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
         for p, grad in params_with_grads(group, sparse_error):
+            has_complex |= p.is_complex()
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = self._step_tensor(p)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
+                if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-            tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"]]
-            if amsgrad:
-                tensors.append(state["max_exp_avg_sq"])
-            add_to_group(by_device_and_dtype, tensors, 6)[5].append(state["step"])
-        return list(by_device_and_dtype.values())
+            params.append(p)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state_steps.append(state["step"])
+        return has_complex
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -119,8 +124,10 @@ class Adam(FusedOptimizer):
         loss = self._evaluate(closure)
         amp = self._amp_args()
         for group in self.param_groups:
+            lists: list[list[Tensor]] = [[], [], [], [], [], []]
+            self._init_group(group, *lists)
             beta1, beta2 = group["betas"]
-            for device_lists in self._init_group(group):
+            for device_lists in group_tensors(lists, elementwise=5).values():
                 functional.adam(
                     *device_lists,
                     lr=group["lr"],

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, add_to_group, params_with_grads, to_float
+from fusedopt.optim._base import FusedOptimizer, group_tensors, params_with_grads, to_float
 
 
 class Lion(FusedOptimizer):
@@ -58,16 +58,20 @@ class Lion(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any]) -> list[list[list[Tensor]]]:
-        """[params, grads, exp_avgs] of the group's params that have grads, one set per
-        (device, dtype); complex tensors viewed as real pairs."""
-        by_device_and_dtype: dict[tuple, list[list[Tensor]]] = {}
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    exp_avgs: list[Tensor]) -> bool:
+        """Appends the group's params that have grads and their exp_avg (created on first use) to
+        the lists; returns whether any is complex (torch.compile runs this eagerly)."""
+        has_complex = False
         for p, grad in params_with_grads(group, "Lion does not support sparse gradients"):
+            has_complex |= p.is_complex()
             state = self.state[p]
             if len(state) == 0:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            add_to_group(by_device_and_dtype, [p, grad, state["exp_avg"]], 3)
-        return list(by_device_and_dtype.values())
+            params.append(p)
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+        return has_complex
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -75,9 +79,11 @@ class Lion(FusedOptimizer):
         loss = self._evaluate(closure)
         amp = self._amp_args()
         for group in self.param_groups:
+            lists: list[list[Tensor]] = [[], [], []]
+            self._init_group(group, *lists)
             beta1, beta2 = group["betas"]
-            for lists in self._init_group(group):
-                functional.lion(*lists, lr=group["lr"], beta1=beta1, beta2=beta2,
+            for device_lists in group_tensors(lists, elementwise=3).values():
+                functional.lion(*device_lists, lr=group["lr"], beta1=beta1, beta2=beta2,
                                 weight_decay=group["weight_decay"], maximize=group["maximize"],
                                 backend=group["backend"], **amp)
         return loss

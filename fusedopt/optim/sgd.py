@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, add_to_group, params_with_grads, to_float
+from fusedopt.optim._base import FusedOptimizer, group_tensors, params_with_grads, to_float
 
 
 class SGD(FusedOptimizer):
@@ -70,27 +70,22 @@ class SGD(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any]) -> dict[tuple, list[list[Tensor]]]:
-        """[params, grads, momentum_buffers] of the group's params that have grads, one set per
-        (device, dtype, is_first_step): params without a momentum buffer yet get a new one,
-        which their first step sets to the grad. Complex tensors are viewed as real pairs."""
-        with_momentum = group["momentum"] != 0
-        by_key: dict[tuple, list[list[Tensor]]] = {}
-        for p, grad in params_with_grads(
-                group, "fusedopt.SGD does not support sparse gradients (as torch's fused SGD); "
-                "use torch.optim.SGD for them"):
-            tensors = [p, grad]
-            first_step = False
-            if with_momentum:
-                state = self.state[p]
-                if state.get("momentum_buffer") is None:
-                    # zeros, not empty: a first step skipped by GradScaler leaves a defined buffer
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format)
-                    first_step = True
-                tensors.append(state["momentum_buffer"])
-            add_to_group(by_key, tensors, 3, first_step)
-        return by_key
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    momentum_buffers: list[Tensor | None]) -> bool:
+        """Appends the group's params that have grads, and with momentum their buffers (None
+        before the first step), to the lists, as torch.optim.SGD does; returns whether any is
+        complex. torch.compile runs this eagerly; the buffers are made in step(), which it traces,
+        so that a first step and the later ones compile to different graphs."""
+        has_complex = False
+        sparse_error = ("fusedopt.SGD does not support sparse gradients (as torch's fused SGD); "
+                        "use torch.optim.SGD for them")
+        for p, grad in params_with_grads(group, sparse_error):
+            has_complex |= p.is_complex()
+            params.append(p)
+            grads.append(grad)
+            if group["momentum"] != 0:
+                momentum_buffers.append(self.state[p].get("momentum_buffer"))
+        return has_complex
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -98,9 +93,21 @@ class SGD(FusedOptimizer):
         loss = self._evaluate(closure)
         amp = self._amp_args()
         for group in self.param_groups:
-            for (_, _, first_step), lists in self._init_group(group).items():
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffers: list[Tensor | None] = []
+            self._init_group(group, params, grads, momentum_buffers)
+            first_steps = [buf is None for buf in momentum_buffers] or None
+            for i, buf in enumerate(momentum_buffers):
+                if buf is None:
+                    # zeros, not empty: a first step skipped by GradScaler leaves a defined buffer
+                    buf = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+                    momentum_buffers[i] = self.state[params[i]]["momentum_buffer"] = buf
+            groups = group_tensors([params, grads, momentum_buffers], 3, first_steps)
+            for key, lists in groups.items():
                 functional.sgd(*lists, lr=group["lr"], momentum=group["momentum"],
                                dampening=group["dampening"], weight_decay=group["weight_decay"],
                                nesterov=group["nesterov"], maximize=group["maximize"],
-                               is_first_step=first_step, backend=group["backend"], **amp)
+                               is_first_step=key[2] if first_steps else False,
+                               backend=group["backend"], **amp)
         return loss
