@@ -128,3 +128,25 @@ def test_sparse_grads_raise_and_change_nothing():
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         fusedopt.SGD([param], lr=0.1).step()
     torch.testing.assert_close(param.detach(), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [p for p in cpu_backend_params() if p.id != "triton"])
+def test_first_and_later_steps_and_dtypes_in_one_group_match_torch(backend):
+    """One step where some params take their first momentum step (buffer = grad) and others a
+    later one, over fp32 and fp64 params in the same group."""
+    dtypes = [torch.float32, torch.float64, torch.float32]
+    params = [torch.nn.Parameter(torch.randn(37, dtype=dt)) for dt in dtypes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kwargs = {"lr": 1e-2, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.05}
+    ours = fusedopt.SGD(params, **kwargs, backend=backend)
+    theirs = torch.optim.SGD(twins, **kwargs, foreach=False)
+    for step in range(4):
+        for i, (p, t) in enumerate(zip(params, twins)):
+            grad = None if i > step else torch.randn_like(p) + 0.5  # param i starts at step i
+            p.grad, t.grad = grad, None if grad is None else grad.clone()
+        ours.step()
+        theirs.step()
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p, t, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ours.state[p]["momentum_buffer"],
+                                   theirs.state[t]["momentum_buffer"], atol=1e-6, rtol=1e-6)

@@ -31,14 +31,28 @@ def _local(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def group_tensors(lists: list[list], elementwise: int, extra_keys: list | None = None
-                  ) -> dict[tuple, list[list]]:
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def group_tensors(lists: list[list], elementwise: int, has_complex: bool,
+                  extra_keys: list | None = None) -> dict[tuple, list[list]]:
     """Parallel lists (lists[0] the params; an empty list stays empty) split into one set per
     (device, dtype[, extra_keys[i]]) of the params. The first `elementwise` lists are shaped like
     the params and become what the kernels update (_local); the rest (step counts) pass as they
     are. Called in step(), outside _init_group, so that torch.compile traces it."""
+    params = lists[0]
+    if not params:
+        return {}
+    first = params[0]
+    key = (first.device, first.dtype) if extra_keys is None else (
+        first.device, first.dtype, extra_keys[0])
+    # The common case, checked in one pass: plain real tensors of one device, dtype and key.
+    if not has_complex and all(p.dtype == first.dtype and p.device == first.device
+                               and type(p) in _PLAIN_TYPES for p in params) and (
+            extra_keys is None or all(k == extra_keys[0] for k in extra_keys)):
+        return {key: lists}
     groups: dict[tuple, list[list]] = {}
-    for i, param in enumerate(lists[0]):
+    for i, param in enumerate(params):
         key = (param.device, param.dtype) if extra_keys is None else (
             param.device, param.dtype, extra_keys[i])
         out = groups.get(key)

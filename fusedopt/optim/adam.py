@@ -125,9 +125,9 @@ class Adam(FusedOptimizer):
         amp = self._amp_args()
         for group in self.param_groups:
             lists: list[list[Tensor]] = [[], [], [], [], [], []]
-            self._init_group(group, *lists)
+            has_complex = self._init_group(group, *lists)
             beta1, beta2 = group["betas"]
-            for device_lists in group_tensors(lists, elementwise=5).values():
+            for device_lists in group_tensors(lists, 5, has_complex).values():
                 functional.adam(
                     *device_lists,
                     lr=group["lr"],

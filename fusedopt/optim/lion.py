@@ -80,9 +80,9 @@ class Lion(FusedOptimizer):
         amp = self._amp_args()
         for group in self.param_groups:
             lists: list[list[Tensor]] = [[], [], []]
-            self._init_group(group, *lists)
+            has_complex = self._init_group(group, *lists)
             beta1, beta2 = group["betas"]
-            for device_lists in group_tensors(lists, elementwise=3).values():
+            for device_lists in group_tensors(lists, 3, has_complex).values():
                 functional.lion(*device_lists, lr=group["lr"], beta1=beta1, beta2=beta2,
                                 weight_decay=group["weight_decay"], maximize=group["maximize"],
                                 backend=group["backend"], **amp)

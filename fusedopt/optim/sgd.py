@@ -96,14 +96,14 @@ class SGD(FusedOptimizer):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             momentum_buffers: list[Tensor | None] = []
-            self._init_group(group, params, grads, momentum_buffers)
+            has_complex = self._init_group(group, params, grads, momentum_buffers)
             first_steps = [buf is None for buf in momentum_buffers] or None
             for i, buf in enumerate(momentum_buffers):
                 if buf is None:
                     # zeros, not empty: a first step skipped by GradScaler leaves a defined buffer
                     buf = torch.zeros_like(params[i], memory_format=torch.preserve_format)
                     momentum_buffers[i] = self.state[params[i]]["momentum_buffer"] = buf
-            groups = group_tensors([params, grads, momentum_buffers], 3, first_steps)
+            groups = group_tensors([params, grads, momentum_buffers], 3, has_complex, first_steps)
             for key, lists in groups.items():
                 functional.sgd(*lists, lr=group["lr"], momentum=group["momentum"],
                                dampening=group["dampening"], weight_decay=group["weight_decay"],
