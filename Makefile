@@ -56,10 +56,14 @@ test: build
 	$(PY) -m pytest tests -q -m "not interpret"
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m interpret
 
-# Peers measured by the benchmark when they install (DeepSpeed's CPU Adam); best effort, and never
-# with PYTHON= (that interpreter may have no network).
+# Peers measured by the benchmark when they install (DeepSpeed's CPU Adam, optimi's and
+# pytorch-optimizer's Lion); best effort, and never with PYTHON= (that interpreter may have no
+# network).
 $(VENV)/.bench-peers: $(VENV)/.setup-done
-	$(VENV)/bin/pip install --quiet deepspeed || echo "deepspeed did not install: not benchmarked"
+	for peer in deepspeed torch-optimi pytorch_optimizer; do \
+		$(VENV)/bin/pip install --quiet "$$peer" "$(TORCH_SPEC)" || \
+			echo "$$peer did not install: not benchmarked"; \
+	done
 	touch $@
 build/.bench-peers-external:
 	mkdir -p build && touch $@
