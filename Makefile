@@ -8,7 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton
 # One virtual environment per torch spec (.venv-torch-2.13.0, .venv-torch-2.14.1, ...), so that
 # `make test TORCH_SPEC=...` gets that torch and switching back reinstalls nothing.
-VENV ?= .venv-$(subst ==,-,$(subst $(eval) ,,$(TORCH_SPEC)))
+empty :=
+space := $(empty) $(empty)
+VENV ?= .venv-$(subst ==,-,$(subst $(space),,$(TORCH_SPEC)))
 FUSEDOPT_BUILD_EXT ?= auto
 export FUSEDOPT_BUILD_EXT
 

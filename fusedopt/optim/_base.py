@@ -43,18 +43,20 @@ def group_tensors(lists: list[list], elementwise: int, has_complex: bool,
     params = lists[0]
     if not params:
         return {}
+
+    def key_of(i: int) -> tuple:
+        p = params[i]
+        return (p.device, p.dtype) if extra_keys is None else (p.device, p.dtype, extra_keys[i])
+
     first = params[0]
-    key = (first.device, first.dtype) if extra_keys is None else (
-        first.device, first.dtype, extra_keys[0])
     # The common case, checked in one pass: plain real tensors of one device, dtype and key.
     if not has_complex and all(p.dtype == first.dtype and p.device == first.device
                                and type(p) in _PLAIN_TYPES for p in params) and (
             extra_keys is None or all(k == extra_keys[0] for k in extra_keys)):
-        return {key: lists}
+        return {key_of(0): lists}
     groups: dict[tuple, list[list]] = {}
-    for i, param in enumerate(params):
-        key = (param.device, param.dtype) if extra_keys is None else (
-            param.device, param.dtype, extra_keys[i])
+    for i in range(len(params)):
+        key = key_of(i)
         out = groups.get(key)
         if out is None:
             out = groups[key] = [[] for _ in lists]
