@@ -13,8 +13,11 @@ from torch import Tensor
 from fusedopt import _backends, _ops, reference
 
 
-# Storage dtypes the fused kernels take (computing in fp32); fp64 runs in the reference, in fp64.
+# Storage dtypes the fused kernels take (computing in fp32); the C++ CPU optimizer kernels also
+# take fp64 (computing in fp64). Anything else runs in the reference, in its own precision.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OPTIMIZER_DTYPES = {"cpp": (*KERNEL_DTYPES, torch.float64), "triton": KERNEL_DTYPES,
+                    "cuda": KERNEL_DTYPES, "reference": ()}
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
@@ -42,8 +45,8 @@ def _step(algorithm: str, lists: tuple[list[Tensor], ...], backend: str, **kwarg
         return
     device = lists[0][0].device
     name = _backends.resolve(backend, device)
-    if lists[0][0].dtype not in KERNEL_DTYPES:
-        name = "reference"  # fp64 (and complex128 as fp64 pairs): full precision in plain torch
+    if lists[0][0].dtype not in OPTIMIZER_DTYPES[name]:
+        name = "reference"  # e.g. fp64 on GPUs: full precision in plain torch
     lr = kwargs["lr"]
     tensor_lr = isinstance(lr, Tensor)
     if tensor_lr and name != "reference":

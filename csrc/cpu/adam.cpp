@@ -10,29 +10,33 @@
 namespace fusedopt::cpu {
 namespace {
 
+// Hyperparameters as the op receives them (double); each kernel rounds them to its compute type.
 struct AdamHyper {
-  float lr;
-  float beta1;
-  float beta2;
-  float weight_decay;
-  float eps;
+  double lr;
+  double beta1;
+  double beta2;
+  double weight_decay;
+  double eps;
   bool amsgrad;
   bool maximize;
   bool decoupled_weight_decay;
   bool unscale;           // a grad_scale was given
-  float inv_grad_scale;
+  double inv_grad_scale;
 };
 
 // Per-tensor scalars that depend on that tensor's own step.
 struct AdamStepScalars {
-  float step_size;            // lr / (1 - beta1^step)
-  float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
+  double step_size;                 // lr / (1 - beta1^step)
+  double inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step)
 };
 
-// ptr: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq] of one tensor.
+// ptr: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq] of one tensor. Math in fp32 registers
+// (fp64 for fp64 storage): every constant is rounded to T first, then combined in T.
 template <bool kAmsgrad, typename scalar_t>
 void adam_range(scalar_t* const* ptr, int64_t begin, int64_t end, const AdamHyper& h,
                 const AdamStepScalars& s) {
+  using Vec = ComputeVec<scalar_t>;
+  using T = typename Vec::value_type;
   scalar_t* param = ptr[0];
   scalar_t* grad = ptr[1];
   scalar_t* exp_avg = ptr[2];
@@ -41,11 +45,12 @@ void adam_range(scalar_t* const* ptr, int64_t begin, int64_t end, const AdamHype
   // Options become neutral constants instead of branches: maximize is a sign, Adam's coupled
   // weight decay a zero for AdamW, AdamW's decay factor a one for Adam.
   const bool decoupled = h.decoupled_weight_decay;
-  const Vec one_minus_beta1(1.f - h.beta1), beta2(h.beta2), one_minus_beta2(1.f - h.beta2),
-      eps(h.eps), step_size(s.step_size), inv_bc2_sqrt(s.inv_bias_correction2_sqrt),
-      inv_grad_scale(h.inv_grad_scale), sign(h.maximize ? -1.f : 1.f),
-      coupled_weight_decay(decoupled ? 0.f : h.weight_decay),
-      decay(decoupled ? 1.f - h.lr * h.weight_decay : 1.f);
+  const T lr = h.lr, beta1 = h.beta1, weight_decay = h.weight_decay;
+  const Vec one_minus_beta1(T(1) - beta1), beta2(T(h.beta2)), one_minus_beta2(T(1) - T(h.beta2)),
+      eps(T(h.eps)), step_size(T(s.step_size)), inv_bc2_sqrt(T(s.inv_bias_correction2_sqrt)),
+      inv_grad_scale(T(h.inv_grad_scale)), sign(T(h.maximize ? -1 : 1)),
+      coupled_weight_decay(decoupled ? T(0) : weight_decay),
+      decay(decoupled ? T(1) - lr * weight_decay : T(1));
 
   auto update = [&](Vec& p, Vec g, Vec& m, Vec& v, Vec& v_max) {
     g = at::vec::fmadd(coupled_weight_decay, p, g * sign);
@@ -61,9 +66,9 @@ void adam_range(scalar_t* const* ptr, int64_t begin, int64_t end, const AdamHype
     p = p - step_size * m / denom;
   };
 
-  // One pass: every stream is loaded once and stored once; the update runs in fp32 registers.
+  // One pass: every stream is loaded once and stored once; the update runs in registers.
   auto step_at = [&](int64_t i, int64_t n) {
-    Vec p0, p1, g0, g1, m0, m1, v0, v1, x0(0.f), x1(0.f);
+    Vec p0, p1, g0, g1, m0, m1, v0, v1, x0(T(0)), x1(T(0));
     load_float(param + i, n, p0, p1);
     load_float(grad + i, n, g0, g1);
     load_float(exp_avg + i, n, m0, m1);
@@ -81,7 +86,7 @@ void adam_range(scalar_t* const* ptr, int64_t begin, int64_t end, const AdamHype
     store_float(exp_avg_sq + i, n, v0, v1);
     if constexpr (kAmsgrad) store_float(max_exp_avg_sq + i, n, x0, x1);
   };
-  for_each_vector(begin, end, [&](int64_t i) {
+  for_each_vector<kVecStepOf<scalar_t>>(begin, end, [&](int64_t i) {
     prefetch_ahead<true>(param, i);
     prefetch_ahead<false>(grad, i);
     prefetch_ahead<true>(exp_avg, i);
@@ -113,16 +118,15 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   }
   if (skip_step(found_inf)) return;
 
-  AdamHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-              static_cast<float>(weight_decay), static_cast<float>(eps), amsgrad, maximize,
-              decoupled_weight_decay, grad_scale.has_value(), inv_grad_scale(grad_scale)};
+  const AdamHyper h{lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                    decoupled_weight_decay, grad_scale.has_value(), inv_grad_scale(grad_scale)};
 
   std::vector<AdamStepScalars> scalars(count);
   for (size_t i = 0; i < count; ++i) {
     const double step = read_scalar(state_steps[i]) + 1.0;
     write_scalar(state_steps[i], step);
-    scalars[i] = {static_cast<float>(lr / (1.0 - std::pow(beta1, step))),
-                  static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, step)))};
+    scalars[i] = {lr / (1.0 - std::pow(beta1, step)),
+                  1.0 / std::sqrt(1.0 - std::pow(beta2, step))};
   }
 
   std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs};

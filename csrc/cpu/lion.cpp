@@ -7,26 +7,31 @@
 namespace fusedopt::cpu {
 namespace {
 
+// Hyperparameters as the op receives them (double); the kernel rounds them to its compute type.
 struct LionHyper {
-  float lr;
-  float beta1;
-  float beta2;
-  float weight_decay;
+  double lr;
+  double beta1;
+  double beta2;
+  double weight_decay;
   bool maximize;
   bool unscale;  // a grad_scale was given
-  float inv_grad_scale;
+  double inv_grad_scale;
 };
 
-// ptr: param, grad, exp_avg of one tensor.
+// ptr: param, grad, exp_avg of one tensor. Math in fp32 registers (fp64 for fp64 storage): every
+// constant is rounded to T first, then combined in T.
 template <typename scalar_t>
 void lion_range(scalar_t* const* ptr, int64_t begin, int64_t end, const LionHyper& h) {
+  using Vec = ComputeVec<scalar_t>;
+  using T = typename Vec::value_type;
   scalar_t* param = ptr[0];
   scalar_t* grad = ptr[1];
   scalar_t* exp_avg = ptr[2];
-  const Vec beta1(h.beta1), one_minus_beta1(1.f - h.beta1), beta2(h.beta2),
-      one_minus_beta2(1.f - h.beta2), lr(h.lr), decay(1.f - h.lr * h.weight_decay),
-      inv_grad_scale(h.inv_grad_scale), sign_of_grad(h.maximize ? -1.f : 1.f), zero(0.f),
-      one(1.f);
+  const T lr_t = h.lr, beta1_t = h.beta1, beta2_t = h.beta2, weight_decay = h.weight_decay;
+  const Vec beta1(beta1_t), one_minus_beta1(T(1) - beta1_t), beta2(beta2_t),
+      one_minus_beta2(T(1) - beta2_t), lr(lr_t), decay(T(1) - lr_t * weight_decay),
+      inv_grad_scale(T(h.inv_grad_scale)), sign_of_grad(T(h.maximize ? -1 : 1)), zero(T(0)),
+      one(T(1));
 
   auto update = [&](Vec& p, Vec g, Vec& m) {
     g = g * sign_of_grad;
@@ -37,7 +42,7 @@ void lion_range(scalar_t* const* ptr, int64_t begin, int64_t end, const LionHype
     m = at::vec::fmadd(beta2, m, one_minus_beta2 * g);
   };
 
-  // One pass: every stream is loaded once and stored once; the update runs in fp32 registers.
+  // One pass: every stream is loaded once and stored once; the update runs in registers.
   auto step_at = [&](int64_t i, int64_t n) {
     Vec p0, p1, g0, g1, m0, m1;
     load_float(param + i, n, p0, p1);
@@ -53,7 +58,7 @@ void lion_range(scalar_t* const* ptr, int64_t begin, int64_t end, const LionHype
     store_float(param + i, n, p0, p1);
     store_float(exp_avg + i, n, m0, m1);
   };
-  for_each_vector(begin, end, [&](int64_t i) {
+  for_each_vector<kVecStepOf<scalar_t>>(begin, end, [&](int64_t i) {
     prefetch_ahead<true>(param, i);
     prefetch_ahead<false>(grad, i);
     prefetch_ahead<true>(exp_avg, i);
@@ -68,8 +73,7 @@ void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   const at::ScalarType dtype =
       check_param_lists("lion_", params, {{"grads", grads}, {"exp_avgs", exp_avgs}});
   if (skip_step(found_inf)) return;
-  const LionHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-                    static_cast<float>(weight_decay), maximize, grad_scale.has_value(),
+  const LionHyper h{lr, beta1, beta2, weight_decay, maximize, grad_scale.has_value(),
                     inv_grad_scale(grad_scale)};
   for_each_chunk(dtype, {params, grads, exp_avgs},
                  [&](auto* const* ptr, int64_t, int64_t begin, int64_t end) {

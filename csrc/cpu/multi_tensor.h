@@ -15,21 +15,37 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
-// The storage dtypes of params and optimizer states; math is always fp32.
+// The storage dtypes of norm inputs and of the bandwidth probes; math is fp32.
 #define FUSEDOPT_DISPATCH_PARAM_TYPES(TYPE, NAME, ...)           \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+// The storage dtypes of optimizer params and states: those, plus fp64 with fp64 math.
+#define FUSEDOPT_DISPATCH_OPTIMIZER_TYPES(TYPE, NAME, ...)       \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__))
 
 namespace fusedopt::cpu {
 
 using Vec = at::vec::Vectorized<float>;
 // Elements per vector step: two fp32 vectors, which is one vector of bf16/fp16 storage.
 constexpr int64_t kVecStep = 2 * Vec::size();
+
+// The registers a storage dtype is computed in: fp64 for fp64, fp32 for everything else.
+template <typename scalar_t>
+using ComputeVec =
+    std::conditional_t<std::is_same_v<scalar_t, double>, at::vec::Vectorized<double>, Vec>;
+// Elements per vector step of a storage dtype: two compute vectors (kVecStep but for fp64).
+template <typename scalar_t>
+constexpr int64_t kVecStepOf = 2 * ComputeVec<scalar_t>::size();
 
 // One contiguous piece of one tensor, the unit of work handed to a thread.
 struct Chunk {
@@ -79,21 +95,26 @@ inline void prefetch_ahead(const scalar_t* base, int64_t i) {
   // Integer arithmetic: the address may lie past the tensor's end (prefetches never fault).
   const auto ahead = reinterpret_cast<const char*>(
       reinterpret_cast<uintptr_t>(base) + (i + kPrefetchElements) * sizeof(scalar_t));
-  for (int64_t byte = 0; byte < kVecStep * static_cast<int64_t>(sizeof(scalar_t)); byte += 64) {
+  for (int64_t byte = 0; byte < kVecStepOf<scalar_t> * static_cast<int64_t>(sizeof(scalar_t));
+       byte += 64) {
     __builtin_prefetch(ahead + byte, kWrite ? 1 : 0);
   }
 }
 
-// Loads kVecStep (or `count` < kVecStep, zero-padded) elements as two fp32 vectors, and back.
+// Loads kVecStepOf<scalar_t> (or `count` fewer, zero-padded) elements as two compute vectors (fp32,
+// or fp64 for fp64), and back.
 template <typename scalar_t>
-inline void load_float(const scalar_t* src, int64_t count, Vec& lo, Vec& hi) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (count == kVecStep) {
-      lo = Vec::loadu(src);
-      hi = Vec::loadu(src + Vec::size());
+inline void load_float(const scalar_t* src, int64_t count, ComputeVec<scalar_t>& lo,
+                       ComputeVec<scalar_t>& hi) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    using V = ComputeVec<scalar_t>;
+    if (count == kVecStepOf<scalar_t>) {
+      lo = V::loadu(src);
+      hi = V::loadu(src + V::size());
     } else {
-      lo = Vec::loadu(src, std::min<int64_t>(count, Vec::size()));
-      hi = count > Vec::size() ? Vec::loadu(src + Vec::size(), count - Vec::size()) : Vec(0.f);
+      lo = V::loadu(src, std::min<int64_t>(count, V::size()));
+      hi = count > V::size() ? V::loadu(src + V::size(), count - V::size())
+                             : V(typename V::value_type(0));
     }
   } else {
     using Storage = at::vec::Vectorized<scalar_t>;
@@ -120,14 +141,16 @@ inline at::vec::Vectorized<scalar_t> pack_float(const Vec& lo, const Vec& hi) {
 }
 
 template <typename scalar_t>
-inline void store_float(scalar_t* dst, int64_t count, const Vec& lo, const Vec& hi) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (count == kVecStep) {
+inline void store_float(scalar_t* dst, int64_t count, const ComputeVec<scalar_t>& lo,
+                        const ComputeVec<scalar_t>& hi) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    using V = ComputeVec<scalar_t>;
+    if (count == kVecStepOf<scalar_t>) {
       lo.store(dst);
-      hi.store(dst + Vec::size());
+      hi.store(dst + V::size());
     } else {
-      lo.store(dst, std::min<int64_t>(count, Vec::size()));
-      if (count > Vec::size()) hi.store(dst + Vec::size(), count - Vec::size());
+      lo.store(dst, std::min<int64_t>(count, V::size()));
+      if (count > V::size()) hi.store(dst + V::size(), count - V::size());
     }
   } else {
     auto packed = pack_float<scalar_t>(lo, hi);
@@ -164,18 +187,18 @@ inline void write_scalar(const at::Tensor& t, double value) {
   }
 }
 
-// Runs step(i, n) over [begin, end) one vector step at a time, calling prefetch(i) before each
-// full step (n == kVecStep there). Forced inline: as an out-of-line function, the lambdas' captured
-// vector constants were re-read from memory in every step (the 25M-param AdamW step measured
-// ~16.4 ms against ~15.0 ms inlined).
-template <typename PrefetchFn, typename StepFn>
+// Runs step(i, n) over [begin, end) one vector step (kStep elements) at a time, calling
+// prefetch(i) before each full step (n == kStep there). Forced inline: as an out-of-line function,
+// the lambdas' captured vector constants were re-read from memory in every step (the 25M-param
+// AdamW step measured ~16.4 ms against ~15.0 ms inlined).
+template <int64_t kStep = kVecStep, typename PrefetchFn, typename StepFn>
 __attribute__((always_inline)) inline void for_each_vector(int64_t begin, int64_t end,
                                                            const PrefetchFn& prefetch,
                                                            const StepFn& step) {
   int64_t i = begin;
-  for (; i + kVecStep <= end; i += kVecStep) {
+  for (; i + kStep <= end; i += kStep) {
     prefetch(i);
-    step(i, kVecStep);
+    step(i, kStep);
   }
   if (i < end) step(i, end - i);
 }
@@ -185,9 +208,10 @@ inline bool skip_step(const std::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && read_scalar(*found_inf) != 0.0;
 }
 
-// GradScaler's grad_scale as the factor that unscales grads (1 when grads are not scaled).
-inline float inv_grad_scale(const std::optional<at::Tensor>& grad_scale) {
-  return grad_scale.has_value() ? static_cast<float>(1.0 / read_scalar(*grad_scale)) : 1.f;
+// GradScaler's grad_scale as the factor that unscales grads (1 when grads are not scaled), in
+// double: each kernel rounds it to its compute type.
+inline double inv_grad_scale(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() ? 1.0 / read_scalar(*grad_scale) : 1.0;
 }
 
 inline double read_lr(const at::Tensor& lr, const char* op) {
@@ -212,14 +236,16 @@ inline void check_like_params(at::TensorList params, at::TensorList others, cons
   }
 }
 
-// Checks the params of one optimizer op (CPU tensors of one float32/bfloat16/float16 dtype) and
-// every other list against them; returns the params' dtype.
+// Checks the params of one optimizer op (CPU tensors of one float32/bfloat16/float16/float64
+// dtype) and every other list against them; returns the params' dtype.
 inline at::ScalarType check_param_lists(
     const char* op, at::TensorList params,
     std::initializer_list<std::pair<const char*, at::TensorList>> others) {
   const at::ScalarType dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fusedopt.",
-              op, " (cpu): params must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
+                  dtype == at::kDouble,
+              "fusedopt.", op, " (cpu): params must be float32, bfloat16, float16 or float64, got ",
+              dtype);
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].device().is_cpu() && params[i].scalar_type() == dtype, "fusedopt.", op,
                 " (cpu): every param must be a CPU tensor of dtype ", dtype, "; param ", i,
@@ -268,7 +294,7 @@ void for_each_chunk(at::ScalarType dtype, const std::vector<at::TensorList>& lis
   std::vector<int64_t> numels(count);
   for (size_t i = 0; i < count; ++i) numels[i] = lists[0][i].numel();
   FlatLists flat(lists);
-  FUSEDOPT_DISPATCH_PARAM_TYPES(dtype, "fusedopt_for_each_chunk", [&] {
+  FUSEDOPT_DISPATCH_OPTIMIZER_TYPES(dtype, "fusedopt_for_each_chunk", [&] {
     std::vector<scalar_t*> ptrs(count * width);
     for (size_t i = 0; i < count; ++i) {
       for (size_t k = 0; k < width; ++k) ptrs[i * width + k] = flat[k][i].data_ptr<scalar_t>();

@@ -7,27 +7,31 @@
 namespace fusedopt::cpu {
 namespace {
 
+// Hyperparameters as the op receives them (double); the kernel rounds them to its compute type.
 struct SgdHyper {
-  float lr;
-  float momentum;
-  float dampening;
-  float weight_decay;
+  double lr;
+  double momentum;
+  double dampening;
+  double weight_decay;
   bool nesterov;
   bool maximize;
   bool is_first_step;
   bool unscale;  // a grad_scale was given
-  float inv_grad_scale;
+  double inv_grad_scale;
 };
 
-// ptr: param, grad[, momentum_buffer] of one tensor.
+// ptr: param, grad[, momentum_buffer] of one tensor. Math in fp32 registers (fp64 for fp64
+// storage): every constant is rounded to T first, then combined in T.
 template <bool kMomentum, typename scalar_t>
 void sgd_range(scalar_t* const* ptr, int64_t begin, int64_t end, const SgdHyper& h) {
+  using Vec = ComputeVec<scalar_t>;
+  using T = typename Vec::value_type;
   scalar_t* param = ptr[0];
   scalar_t* grad = ptr[1];
   scalar_t* buffer = kMomentum ? ptr[2] : nullptr;
-  const Vec lr(h.lr), momentum(h.momentum), one_minus_dampening(1.f - h.dampening),
-      weight_decay(h.weight_decay), inv_grad_scale(h.inv_grad_scale),
-      sign_of_grad(h.maximize ? -1.f : 1.f);
+  const Vec lr(T(h.lr)), momentum(T(h.momentum)), one_minus_dampening(T(1) - T(h.dampening)),
+      weight_decay(T(h.weight_decay)), inv_grad_scale(T(h.inv_grad_scale)),
+      sign_of_grad(T(h.maximize ? -1 : 1));
 
   auto update = [&](Vec& p, Vec g, Vec& buf) {
     g = at::vec::fmadd(weight_decay, p, g * sign_of_grad);
@@ -38,9 +42,9 @@ void sgd_range(scalar_t* const* ptr, int64_t begin, int64_t end, const SgdHyper&
     p = at::vec::fnmadd(lr, g, p);
   };
 
-  // One pass: every stream is loaded once and stored once; the update runs in fp32 registers.
+  // One pass: every stream is loaded once and stored once; the update runs in registers.
   auto step_at = [&](int64_t i, int64_t n) {
-    Vec p0, p1, g0, g1, b0(0.f), b1(0.f);
+    Vec p0, p1, g0, g1, b0(T(0)), b1(T(0));
     load_float(param + i, n, p0, p1);
     load_float(grad + i, n, g0, g1);
     if (kMomentum && !h.is_first_step) load_float(buffer + i, n, b0, b1);
@@ -54,7 +58,7 @@ void sgd_range(scalar_t* const* ptr, int64_t begin, int64_t end, const SgdHyper&
     store_float(param + i, n, p0, p1);
     if constexpr (kMomentum) store_float(buffer + i, n, b0, b1);
   };
-  for_each_vector(begin, end, [&](int64_t i) {
+  for_each_vector<kVecStepOf<scalar_t>>(begin, end, [&](int64_t i) {
     prefetch_ahead<true>(param, i);
     prefetch_ahead<false>(grad, i);
     if constexpr (kMomentum) prefetch_ahead<true>(buffer, i);
@@ -75,9 +79,8 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
                 "fusedopt.sgd_: momentum_buffers must be empty when momentum is 0");
   }
   if (skip_step(found_inf)) return;
-  const SgdHyper h{static_cast<float>(lr), static_cast<float>(momentum),
-                   static_cast<float>(dampening), static_cast<float>(weight_decay), nesterov,
-                   maximize, is_first_step, grad_scale.has_value(), inv_grad_scale(grad_scale)};
+  const SgdHyper h{lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
+                   grad_scale.has_value(), inv_grad_scale(grad_scale)};
   std::vector<at::TensorList> lists{params, grads};
   if (has_momentum) lists.push_back(momentum_buffers);
   for_each_chunk(dtype, lists, [&](auto* const* ptr, int64_t, int64_t begin, int64_t end) {
