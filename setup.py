@@ -99,7 +99,9 @@ def extension_modules():
     # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without it, one thread.
     # No -std: torch's BuildExtension adds the C++ standard its own headers need (torch 2.14's
     # refuse C++17), here and for nvcc.
-    cxx = ["-O3", "-fopenmp", *cpu_flags()]
+    # -ffp-contract=off, --fmad=false: the contraction policy (docs/numerics.md). No compiler fuses
+    # a product into an add on its own; a kernel that wants an FMA writes one.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", *cpu_flags()]
     extra = {"cxx": cxx}
     extension = cpp_extension.CppExtension
     torch_cuda = torch.version.cuda
@@ -108,7 +110,7 @@ def extension_modules():
     major = nvcc_major(cpp_extension) if torch_cuda else None
     if torch_cuda and major == int(torch_cuda.split(".")[0]):
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3"]  # no fast math: denormals as torch keeps them
+        extra["nvcc"] = ["-O3", "--fmad=false"]  # no fast math: denormals as torch keeps them
         extension = cpp_extension.CUDAExtension
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # torch derives the archs from the visible GPUs and fails where there are none

@@ -38,7 +38,7 @@ def nvcc_command(source: str, output: str) -> list[str]:
     # C++20: what torch's own builds pass (torch 2.14's headers refuse C++17).
     return [
         "nvcc", "-c", source, "-o", output,
-        "-arch=sm_90", "-std=c++20", "-O2", "-Xcompiler", "-fPIC",
+        "-arch=sm_90", "-std=c++20", "-O2", "--fmad=false", "-Xcompiler", "-fPIC",
         *common,
         "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
