@@ -26,12 +26,10 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 from typing import Callable
 
+import _report
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(8192, 1024), (8192, 4096), (2048, 16384)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "4294967296",
@@ -142,8 +140,7 @@ def measure(device: str, shapes: list[tuple[int, int]], dtypes: list[str], round
 
 
 def markdown(report: dict[str, object]) -> str:
-    lines = [f"Machine: {report['device']}; torch {report['torch']}; {report['threads']} threads; "
-             f"commit {report['commit']}.", f"Command: `{report['command']}`", ""]
+    lines = _report.header(report["machine"])
     for condition, results in report["conditions"].items():
         lines += [f"### {condition}", "",
                   "| norm, shape, dtype | provider | fwd ms | fwd % floor | fwd+bwd ms | "
@@ -182,12 +179,7 @@ def main() -> None:
                   "allocator keeping freed memory (MALLOC_MMAP_THRESHOLD_=4294967296 "
                   "MALLOC_TRIM_THRESHOLD_=68719476736)": KEEP_FREED_MEMORY}
     report: dict[str, object] = {
-        "device": (torch.cuda.get_device_name() if args.device == "cuda" else
-                   f"CPU, {os.cpu_count()} cores"),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                 capture_output=True, cwd=RESULTS.parent).stdout.strip(),
-        "command": " ".join(sys.argv), "conditions": {},
+        "machine": _report.machine(args.device), "conditions": {},
         "floor": ("fusedopt.stream_sum" if args.device == "cpu" else "x.clone, torch.add")}
     for condition, env in conditions.items():
         child = [sys.executable, __file__, "--child", "--device", args.device, "--rounds",
@@ -196,13 +188,7 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"benchmark child failed ({condition}):\n{out.stderr}")
         report["conditions"][condition] = json.loads(out.stdout.strip().splitlines()[-1])
-    table = markdown(report)
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    stem = args.out or f"norm-{args.device}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
-    print(f"wrote {RESULTS / stem}.json and .md")
+    _report.write(args.out or f"norm-{args.device}", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -19,22 +19,15 @@ Writes a table to the terminal, and JSON + Markdown under bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
+import _report
 import torch
 
 import fusedopt
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def workload_shapes(name: str) -> list[tuple[int, ...]]:
@@ -175,38 +168,6 @@ def bandwidth_probe(device: str, numel: int, bytes_per_param: int
             lambda: out.add_(src), 12 * numel)
 
 
-def machine(device: str) -> dict[str, object]:
-    info: dict[str, object] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device == "cuda":
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        model = platform.processor()
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(line.split(":", 1)[1].strip() for line in f
-                             if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        info["device"] = f"{model}, {os.cpu_count()} cores"
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                        capture_output=True, cwd=RESULTS.parent).stdout.strip()
-    except OSError:
-        info["commit"] = None
-    return info
-
-
 def measure_workload(device: str, optimizer: str, workload: str, rounds: int
                      ) -> dict[str, object]:
     make_providers, bytes_per_param, baseline_name = OPTIMIZERS[optimizer]
@@ -247,9 +208,7 @@ def measure_workload(device: str, optimizer: str, workload: str, rounds: int
 
 def run(device: str, optimizers: list[str], workloads: list[str], rounds: int
         ) -> dict[str, object]:
-    report: dict[str, object] = {"machine": machine(device), "command": " ".join(sys.argv),
-                                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                 "results": {}}
+    report: dict[str, object] = {"machine": _report.machine(device), "results": {}}
     for optimizer in optimizers:
         for workload in workloads:
             report["results"][f"{optimizer} {workload}"] = measure_workload(
@@ -258,10 +217,7 @@ def run(device: str, optimizers: list[str], workloads: list[str], rounds: int
 
 
 def markdown(report: dict[str, object]) -> str:
-    m = report["machine"]
-    lines = [f"Machine: {m['device']}; torch {m['torch']}, triton {m['triton']}, "
-             f"Python {m['python']}, {m['threads']} threads; commit {m['commit']}; "
-             f"{report['date']}.", f"Command: `{report['command']}`", ""]
+    lines = _report.header(report["machine"])
     for name, result in report["results"].items():
         optimizer, workload = name.split()
         lines += [f"**{optimizer} {workload}**: {result['tensors']} tensors, "
@@ -289,13 +245,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is visible")
     report = run(args.device, args.optimizers, args.workloads, args.rounds)
-    table = markdown(report)
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    stem = args.out or f"optim-{args.device}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
-    print(f"wrote {RESULTS / stem}.json and .md")
+    _report.write(args.out or f"optim-{args.device}", report, markdown(report))
 
 
 if __name__ == "__main__":

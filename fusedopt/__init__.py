@@ -5,7 +5,7 @@ errors. Importing never fails: fusedopt.backends() says which kernels are usable
 """
 
 from fusedopt import functional, nn, reference
-from fusedopt._backends import backends
+from fusedopt._registry import backends
 from fusedopt.nn import LayerNorm, RMSNorm
 from fusedopt.optim import SGD, Adam, AdamW, Lion
 

@@ -173,11 +173,6 @@ if defined("norm_fwd"):
         torch.library.register_kernel("fusedopt::norm_fwd", "cuda", _triton_norm.norm_fwd)
         torch.library.register_kernel("fusedopt::norm_bwd", "cuda", _triton_norm.norm_bwd)
 
-# Device types whose norm ops have kernels (decided once: torch.compile traces through a set).
-NORM_DEVICES = {device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                if has_kernel("fusedopt::norm_fwd", key)}
-
-
 if defined("stream_rmw_"):
 
     @torch.library.register_fake("fusedopt::stream_rmw_")

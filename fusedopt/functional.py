@@ -1,23 +1,15 @@
 """The dispatch layer: one function per algorithm. Each takes tensors that share one device and
-dtype, picks a backend (fusedopt._backends.resolve), puts scalar tensors on that device and calls
-the kernel. The math of each function is the same-named function in fusedopt.reference."""
+dtype, picks an implementation from fusedopt._registry, puts scalar tensors on that device and
+calls it. The math of each function is the same-named function in fusedopt.reference."""
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 from torch import Tensor
 
-from fusedopt import _backends, _ops, reference
-
-
-# Storage dtypes the fused kernels take (computing in fp32); the C++ CPU optimizer kernels also
-# take fp64 (computing in fp64). Anything else runs in the reference, in its own precision.
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-OPTIMIZER_DTYPES = {"cpp": (*KERNEL_DTYPES, torch.float64), "triton": KERNEL_DTYPES,
-                    "cuda": KERNEL_DTYPES, "reference": ()}
+from fusedopt import _registry
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
@@ -39,30 +31,20 @@ def _split_contiguous(lists: tuple[list[Tensor], ...]) -> tuple[list, list]:
 
 
 def _step(algorithm: str, lists: tuple[list[Tensor], ...], backend: str, **kwargs) -> None:
-    """Runs one step of `algorithm` (the name of its op, reference and Triton module) on the
-    backend that `backend` resolves to for these tensors."""
+    """Runs one step of `algorithm` (a key of the registry) on the implementation that `backend`
+    resolves to for these tensors."""
     if not lists[0]:
         return
     device = lists[0][0].device
-    name = _backends.resolve(backend, device)
-    if lists[0][0].dtype not in OPTIMIZER_DTYPES[name]:
-        name = "reference"  # e.g. fp64 on GPUs: full precision in plain torch
-    lr = kwargs["lr"]
-    tensor_lr = isinstance(lr, Tensor)
-    if tensor_lr and name != "reference":
-        kwargs["lr"] = _on(device, lr.to(torch.float32))  # .to returns lr itself if fp32
+    impl = _registry.resolve(algorithm, backend, device, lists[0][0].dtype)
+    if isinstance(kwargs["lr"], Tensor):
+        kwargs["lr"] = _on(device, kwargs["lr"])  # in its own dtype: an fp64 lr stays exact
     kwargs["grad_scale"] = _on(device, kwargs.get("grad_scale"))
     kwargs["found_inf"] = _on(device, kwargs.get("found_inf"))
-    if name in ("cpp", "cuda"):
-        op = getattr(torch.ops.fusedopt, f"{algorithm}_")
-        (op.tensor_lr if tensor_lr else op.default)(*lists, **kwargs)
-    elif name == "triton":
-        kernel = getattr(importlib.import_module(f"fusedopt.kernels.{algorithm}"), algorithm)
-        flat, strided = _split_contiguous(lists)
-        kernel(*flat, **kwargs)
-        getattr(reference, algorithm)(*strided, **kwargs)  # rare: Triton streams flat arrays
-    else:
-        getattr(reference, algorithm)(*lists, **kwargs)
+    if impl.contiguous_only:  # Triton streams flat arrays; the rare strided rest: the reference
+        lists, strided = _split_contiguous(lists)
+        _registry.REGISTRY[algorithm]["reference"].run(*strided, **kwargs)
+    impl.run(*lists, **kwargs)
 
 
 def adam(
@@ -162,25 +144,15 @@ def _norm(
     if residual is not None and residual.shape != x.shape:
         raise RuntimeError(f"fusedopt: residual of size {list(residual.shape)} does not match "
                            f"the input of size {list(x.shape)}")
-    name = _backends.resolve(backend, x.device)
-    if name == "triton" and x.device.type != "cuda":
-        raise RuntimeError("fusedopt: the Triton norm kernels run on CUDA tensors (in Triton's "
-                           "interpreter, call fusedopt.kernels.norm directly)")
     n = math.prod(normalized_shape)
     flat = (lambda t: None if t is None else t.reshape(-1, n))
-    if (name == "reference" or x.device.type not in _ops.NORM_DEVICES
-            or any(t is not None and t.dtype not in KERNEL_DTYPES
-                   for t in (x, weight, bias, residual))):  # fp64, complex: the reference
-        out = reference._norm(flat(x), flat(weight), flat(bias), eps, rms=rms,
-                              residual=flat(residual), residual_in_fp32=residual_in_fp32,
-                              zero_centered_weight=zero_centered_weight)
-        y, residual_out = out if residual is not None else (out, None)
-    else:
-        y, residual_out, _, _ = torch.ops.fusedopt.norm_fwd(
-            flat(x).contiguous(), None if residual is None else flat(residual).contiguous(),
-            None if weight is None else weight.reshape(n).contiguous(),
-            None if bias is None else bias.reshape(n).contiguous(),
-            eps, rms, zero_centered_weight, residual_in_fp32)
+    params = (lambda t: None if t is None else t.reshape(n))
+    # Any tensor of a dtype the kernels do not take (fp64, complex): the reference, in its dtype.
+    dtype = next((t.dtype for t in (weight, bias, residual)
+                  if t is not None and t.dtype not in _registry.KERNEL_DTYPES), x.dtype)
+    impl = _registry.resolve("norm", backend, x.device, dtype)
+    y, residual_out = impl.run(flat(x), flat(residual), params(weight), params(bias), eps, rms,
+                               zero_centered_weight, residual_in_fp32)
     y = y.reshape(x.shape)
     return y if residual is None else (y, residual_out.reshape(x.shape))
 

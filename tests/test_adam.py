@@ -198,7 +198,7 @@ def test_differentiable_raises_and_unknown_backend_raises():
 def test_unavailable_backend_raises_with_reason():
     param = torch.nn.Parameter(torch.randn(3))
     param.grad = torch.randn(3)
-    with pytest.raises(RuntimeError, match="runs on cuda tensors"):
+    with pytest.raises(RuntimeError, match="runs adam on cuda tensors, but these are on cpu"):
         fusedopt.AdamW([param], backend="cuda").step()
 
 

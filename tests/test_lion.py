@@ -68,16 +68,31 @@ def test_low_precision_matches_reference(backend, dtype):
     assert ((got - want).abs() <= 2 * 1e-2 * 2 + 4 * ulp * (1 + want.abs())).all()
 
 
+class NegatedGrads:
+    """lion-pytorch stepping on -grad: maximizing f is minimizing -f (it has no maximize)."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer, self.state = optimizer, optimizer.state
+
+    def step(self) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.neg_()
+        self.optimizer.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("backend", cpu_backend_params())
-def test_maximize_and_tensor_lr_match_reference(backend):
-    """lion-pytorch has neither: fusedopt.reference.lion is the oracle (in fp64)."""
+def test_maximize_and_tensor_lr_match_lion_pytorch_on_negated_grads(backend, dtype):
+    """maximize=True with a tensor lr against lion-pytorch (float lr) fed -grad, in fp64."""
     params, twins, ours, theirs = run_side_by_side(
-        lambda ps: fusedopt.Lion(ps, lr=torch.tensor(1e-2), weight_decay=0.1, maximize=True,
+        lambda ps: fusedopt.Lion(ps, lr=torch.tensor(1e-2, dtype=dtype), weight_decay=0.1,
+                                 maximize=True,
                                  backend=backend),
-        lambda ps: fusedopt.Lion(ps, lr=1e-2, weight_decay=0.1, maximize=True,
-                                 backend="reference"),
-        torch.float32)
-    assert_same_state(params, twins, ours, theirs, torch.float32)
+        lambda ps: NegatedGrads(lion_pytorch.Lion(ps, lr=1e-2, weight_decay=0.1)),
+        dtype, steps=20)
+    assert_same_state(params, twins, ours, theirs, dtype)
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
@@ -103,10 +118,16 @@ def test_state_dict_moves_between_lion_pytorch_and_fusedopt(direction):
                             state_keys=("exp_avg",))
 
 
-def test_grad_scaler_unscales_and_skips_like_the_reference():
-    ours = run_with_grad_scaler(lambda ps: fusedopt.Lion(ps, lr=1e-2), state_key="exp_avg")
-    theirs = run_with_grad_scaler(lambda ps: fusedopt.Lion(ps, lr=1e-2, backend="reference"),
-                                  state_key="exp_avg")
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_grad_scaler_unscales_and_skips_like_lion_pytorch(backend):
+    """Under torch.amp.GradScaler: fusedopt unscales inside its step (grad_scale / found_inf),
+    lion-pytorch gets the grads the scaler unscaled; same params, grads, state and scale."""
+    ours = run_with_grad_scaler(lambda ps: fusedopt.Lion(ps, lr=1e-2, backend=backend),
+                                state_key="exp_avg")
+    theirs = run_with_grad_scaler(lambda ps: lion_pytorch.Lion(ps, lr=1e-2), state_key="exp_avg")
+    # On the skipped step (2) the fused step leaves the grads as they came, scaled (as torch's
+    # fused=True does), while GradScaler.unscale_ unscales them for an unfused optimizer.
+    theirs[0][2][2] = theirs[0][2][2] * 2.0**8
     assert_same_snapshots(ours, theirs)
 
 

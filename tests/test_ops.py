@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 from conftest import cpu_backend_params
+from torch.optim.adam import adam as torch_adam
+from torch.optim.sgd import sgd as torch_sgd
 
 import fusedopt
 from fusedopt import functional, reference
@@ -103,18 +105,36 @@ def test_outputs_past_the_streaming_size_are_right_when_streamed():
     subprocess.run([sys.executable, "-c", STREAMED_OUTPUTS_CHECK], env=env, check=True)
 
 
+def independent_step(algorithm: str, lists, hyper: dict, lr: float, grad_scale: float) -> None:
+    """The same step by code that shares nothing with fusedopt: torch.optim's own functions (for
+    Lion, lion-pytorch's), after unscaling the grads in place, as the step's contract says."""
+    torch._foreach_div_(lists[1], grad_scale)
+    hyper = {k: v for k, v in hyper.items() if k != "is_first_step"}
+    if algorithm == "adam":
+        torch_adam(*lists, foreach=False, lr=lr, **hyper)
+    elif algorithm == "sgd":
+        torch_sgd(*lists, foreach=False, lr=lr, **hyper)
+    else:
+        lion_pytorch = pytest.importorskip("lion_pytorch")
+        assert not hyper["maximize"]
+        for p, g, m in zip(*lists):
+            lion_pytorch.lion_pytorch.update_fn(p, g, m, lr, hyper["weight_decay"],
+                                                hyper["beta1"], hyper["beta2"])
+
+
 @pytest.mark.parametrize("backend", cpu_backend_params())
 @pytest.mark.parametrize("found", [0.0, 1.0])
 def test_adam_contract_steps_unscale_and_skip(backend, found):
-    """Against the reference on the same inputs: steps advance by one, grads are left unscaled;
-    with found_inf set, nothing at all changes."""
+    """Against torch.optim.adam on the same inputs: steps advance by one, grads are left
+    unscaled; with found_inf set, nothing at all changes."""
     ours = adam_inputs(amsgrad=True)
-    ref = tuple([t.clone() for t in lst] for lst in ours)
+    theirs = tuple([t.clone() for t in lst] for lst in ours)
     before = tuple([t.clone() for t in lst] for lst in ours)
     amp = dict(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(found))
     functional.adam(*ours, lr=1e-2, amsgrad=True, **HYPER, **amp, backend=backend)
-    reference.adam(*ref, lr=1e-2, amsgrad=True, **HYPER, **amp)
-    for got_list, want_list, old_list in zip(ours, ref, before):
+    if not found:
+        independent_step("adam", theirs, dict(amsgrad=True, **HYPER), lr=1e-2, grad_scale=8.0)
+    for got_list, want_list, old_list in zip(ours, theirs, before):
         for got, want, old in zip(got_list, want_list, old_list):
             torch.testing.assert_close(got, old if found else want, atol=1e-6, rtol=1e-5)
     if not found:
@@ -161,13 +181,16 @@ def test_opcheck_lion_and_sgd(algorithm, hyper, overload):
 @pytest.mark.parametrize("found", [0.0, 1.0])
 @pytest.mark.parametrize("algorithm,hyper", OTHER_ALGORITHMS, ids=["lion", "sgd"])
 def test_lion_sgd_contract_unscale_and_skip(algorithm, hyper, found, backend):
+    """Against torch.optim.sgd / lion-pytorch: grads are left unscaled; with found_inf set,
+    nothing at all changes."""
     ours = lion_sgd_inputs(algorithm)
-    ref = tuple([t.clone() for t in lst] for lst in ours)
+    theirs = tuple([t.clone() for t in lst] for lst in ours)
     before = tuple([t.clone() for t in lst] for lst in ours)
     amp = dict(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(found))
     getattr(functional, algorithm)(*ours, lr=1e-2, **hyper, **amp, backend=backend)
-    getattr(reference, algorithm)(*ref, lr=1e-2, **hyper, **amp)
-    for got_list, want_list, old_list in zip(ours, ref, before):
+    if not found:
+        independent_step(algorithm, theirs, hyper, lr=1e-2, grad_scale=8.0)
+    for got_list, want_list, old_list in zip(ours, theirs, before):
         for got, want, old in zip(got_list, want_list, old_list):
             torch.testing.assert_close(got, old if found else want, atol=1e-6, rtol=1e-5)
     if not found:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fusedopt._backends import BACKENDS
+from fusedopt._registry import BACKENDS
 
 
 def to_float(value: float | Tensor) -> float:
