@@ -27,7 +27,7 @@ BUILD_STAMP := build/.built
 ifneq ($(shell cat $(BUILD_STAMP) 2>/dev/null),$(PY))
 .PHONY: $(BUILD_STAMP)
 endif
-SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
+SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: test demo bench setup build clean
 
