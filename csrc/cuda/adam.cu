@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     opmath_t& g = x[1];
     opmath_t& m = x[2];
     opmath_t& v = x[3];
-    if (unscale) g = cuda::div_rn(g, grad_scale);
+    if (unscale) g = g / grad_scale;
     opmath_t d = s.maximize ? -g : g;
     if (weight_decay != opmath_t(0)) {
       if (s.decoupled_weight_decay) {
@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kBlockThreads)
       vmax = (vmax > v || vmax != vmax) ? vmax : v;  // NaN-propagating max, like torch.maximum
       v_used = vmax;
     }
-    const opmath_t denom = cuda::div_rn(cuda::sqrt_rn(v_used), bias_correction2_sqrt) + eps;
-    p = p - cuda::div_rn(step_size * m, denom);
+    const opmath_t denom = sqrt(v_used) / bias_correction2_sqrt + eps;
+    p = p - step_size * m / denom;
   };
 
   // Every list is read; the grads are written back only when they were unscaled.

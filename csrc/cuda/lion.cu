@@ -56,10 +56,9 @@ struct LionUpdate {
   // once to the compute dtype. lr: this step's lr; grad_scale: nullptr when grads are not scaled.
   __host__ __device__ LionUpdate(const LionScalars& s, double lr_d, const float* grad_scale_ptr)
       : lr(static_cast<opmath_t>(lr_d)),
-        decay(s.lr_single ? static_cast<opmath_t>(
-                                1.f - cuda::mul_rn(static_cast<float>(lr_d),
-                                                   static_cast<float>(s.weight_decay)))
-                          : static_cast<opmath_t>(1.0 - cuda::mul_rn(lr_d, s.weight_decay))),
+        decay(s.lr_single ? static_cast<opmath_t>(1.f - static_cast<float>(lr_d) *
+                                                                 static_cast<float>(s.weight_decay))
+                          : static_cast<opmath_t>(1.0 - lr_d * s.weight_decay)),
         beta1(static_cast<opmath_t>(s.beta1)),
         one_minus_beta1(static_cast<opmath_t>(1.0 - s.beta1)),
         beta2(static_cast<opmath_t>(s.beta2)),
@@ -69,19 +68,20 @@ struct LionUpdate {
         unscale(grad_scale_ptr != nullptr),
         maximize(s.maximize) {}
 
-  // Products go through mul_rn so that the sign is taken of the very sum the reference computes.
+  // Every product and sum rounds on its own (no FMA), so the sign is taken of the very sum the
+  // reference computes.
   __host__ __device__ __forceinline__ void operator()(opmath_t (&x)[3]) const {
     opmath_t& p = x[0];
     opmath_t& g = x[1];
     opmath_t& m = x[2];
-    if (unscale) g = cuda::div_rn(g, grad_scale);
+    if (unscale) g = g / grad_scale;
     const opmath_t d = maximize ? -g : g;
-    const opmath_t c = cuda::mul_rn(beta1, m) + cuda::mul_rn(one_minus_beta1, d);
+    const opmath_t c = beta1 * m + one_minus_beta1 * d;
     // sign(c): +1, -1, or 0 for zero and nan (torch.sign's (0 < c) - (c < 0)).
     const opmath_t sign = static_cast<opmath_t>(static_cast<int>(opmath_t(0) < c) -
                                                 static_cast<int>(c < opmath_t(0)));
-    p = cuda::mul_rn(p, decay) - cuda::mul_rn(lr, sign);
-    m = cuda::mul_rn(beta2, m) + cuda::mul_rn(one_minus_beta2, d);
+    p = p * decay - lr * sign;
+    m = beta2 * m + one_minus_beta2 * d;
   }
 };
 

@@ -7,6 +7,13 @@
 // chunk of every list through an element-wise update in opmath registers, with 128-bit loads and
 // stores wherever the chunk is aligned.
 //
+// Rounding (docs/numerics.md): contraction is off by build flag. Every .cu is compiled with
+// --fmad=false (setup.py, tests/test_cuda_build.py), so `a * b + c` rounds the product and the sum
+// separately, as the reference's separate torch ops do; the functors write no FMA. Division and
+// sqrt are IEEE round-to-nearest by nvcc's defaults (-prec-div=true -prec-sqrt=true -ftz=false,
+// which only --use_fast_math changes, and nothing passes it): plain `/` and `sqrt` compile to the
+// same div.rn / sqrt.rn instructions as __fdiv_rn / __fsqrt_rn, so no helper spells them out.
+//
 // Nothing here reads a device value on the host: lr (tensor_lr overloads), grad_scale and
 // found_inf reach the kernels as device pointers (StepScalars), so the ops are safe to capture in a
 // CUDA graph. Only a CPU lr tensor is read on the host, which needs no sync.
@@ -93,62 +100,7 @@ __device__ __forceinline__ void chunk_pointers(const Args& args, const ChunkRang
 }
 
 // ---------------------------------------------------------------------------------------------
-// Device-side arithmetic and memory helpers
-
-// Arithmetic helpers, __host__ __device__ so that element updates written as functors can also
-// be exercised by host code (host arithmetic is IEEE already; the host paths are not used by the
-// kernels).
-//
-// Round-to-nearest division and sqrt spelled out, so the result tracks the reference's IEEE
-// arithmetic even if someone builds with --use_fast_math (setup.py does not).
-__host__ __device__ __forceinline__ float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-__host__ __device__ __forceinline__ double div_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-__host__ __device__ __forceinline__ float sqrt_rn(float a) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-__host__ __device__ __forceinline__ double sqrt_rn(double a) {
-#ifdef __CUDA_ARCH__
-  return __dsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-
-// A product rounded on its own, never contracted with a neighbouring add into one FMA: a * b + c
-// written with mul_rn rounds twice, exactly as the reference's separate torch ops do. Where the
-// update takes a sign or a comparison of such a sum (Lion), this keeps it bit-identical.
-__host__ __device__ __forceinline__ float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  volatile float product = a * b;  // volatile: no contraction on the host either
-  return product;
-#endif
-}
-__host__ __device__ __forceinline__ double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  volatile double product = a * b;
-  return product;
-#endif
-}
+// Device-side memory helpers
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {

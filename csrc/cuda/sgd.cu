@@ -69,20 +69,20 @@ struct SgdUpdate {
         maximize(s.maximize),
         is_first_step(s.is_first_step) {}
 
-  // Products go through mul_rn: each op of the reference rounds on its own.
+  // Each product and sum rounds on its own (no FMA), as each op of the reference does.
   __host__ __device__ __forceinline__ void operator()(opmath_t (&x)[kLists]) const {
     opmath_t& p = x[0];
     opmath_t& g = x[1];
-    if (unscale) g = cuda::div_rn(g, grad_scale);
+    if (unscale) g = g / grad_scale;
     opmath_t d = maximize ? -g : g;
-    if (decay) d = d + cuda::mul_rn(weight_decay, p);
+    if (decay) d = d + weight_decay * p;
     if constexpr (kMomentum) {
       opmath_t& buf = x[2];
       buf = is_first_step ? d
-                          : cuda::mul_rn(momentum, buf) + cuda::mul_rn(one_minus_dampening, d);
-      d = nesterov ? d + cuda::mul_rn(momentum, buf) : buf;
+                          : momentum * buf + one_minus_dampening * d;
+      d = nesterov ? d + momentum * buf : buf;
     }
-    p = p - cuda::mul_rn(lr, d);
+    p = p - lr * d;
   }
 };
 
