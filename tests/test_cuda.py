@@ -1,10 +1,13 @@
-"""GPU backends (Triton, CUDA C++) against torch.optim on CUDA tensors; skipped without a GPU."""
+"""GPU backends (Triton, CUDA C++) against torch.optim (Lion: fusedopt.reference) on CUDA tensors;
+skipped without a GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import TOLERANCES
+from test_lion import CASES as LION_CASES
+from test_sgd import CASES as SGD_CASES
 
 import fusedopt
 
@@ -22,38 +25,92 @@ def gpu_backends() -> list:
 SHAPES = [(1,), (3,), (41,), (769,), (4097,), (65537,), (300, 1000), (0,)]
 CASES = [{}, {"amsgrad": True}, {"maximize": True, "weight_decay": 0.1},
          {"lr": "tensor", "capturable": True}]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def gpu_lr(kwargs: dict) -> dict:
+    """kwargs with lr="tensor" made a 1-element float32 CUDA tensor, else lr defaulting to 1e-2."""
+    lr = kwargs.get("lr", 1e-2)
+    return {**kwargs, "lr": torch.tensor(1e-2, device="cuda") if lr == "tensor" else lr}
+
+
+def run_on_gpu(make_ours, make_theirs, dtype: torch.dtype, oracle_dtype=torch.float64):
+    """Seven steps of fusedopt on CUDA params of `dtype` (SHAPES) and of the oracle on copies in
+    oracle_dtype, over the same fresh non-zero-mean grads (rounded to `dtype` first)."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator).to(dtype))
+              for s in SHAPES]
+    twins = [torch.nn.Parameter(p.detach().to(oracle_dtype, copy=True)) for p in params]
+    ours, theirs = make_ours(params), make_theirs(twins)
+    for _ in range(7):
+        for p, t in zip(params, twins):
+            grad = (torch.randn(p.shape, device="cuda", generator=generator) + 0.5).to(dtype)
+            p.grad, t.grad = grad, grad.to(oracle_dtype, copy=True)
+        ours.step()
+        theirs.step()
+    return params, twins, ours, theirs
+
+
+def assert_gpu_state_matches(params, twins, ours, theirs, dtype: torch.dtype) -> None:
+    """Params and every state entry of the oracle (the same keys) within TOLERANCES[dtype]; a
+    step counter stays on its param's device and counts as the oracle's."""
+    atol, rtol = TOLERANCES[dtype]
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p.detach().double(), t.detach().double(), atol=atol, rtol=rtol)
+        assert set(ours.state[p]) == set(theirs.state[t])
+        for key, value in theirs.state[t].items():
+            if key == "step":
+                assert ours.state[p][key].device == p.device
+                assert ours.state[p][key].item() == value.item()
+            else:
+                torch.testing.assert_close(ours.state[p][key].double(), value.double(),
+                                           atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("kwargs", CASES, ids=lambda kw: ",".join(kw) or "defaults")
 @pytest.mark.parametrize("optimizer_cls", ["AdamW", "Adam"])
 def test_gpu_steps_match_torch(optimizer_cls, kwargs, backend, dtype):
-    kwargs = dict(kwargs, weight_decay=kwargs.get("weight_decay", 0.05))
+    kwargs = gpu_lr(dict(kwargs, weight_decay=kwargs.get("weight_decay", 0.05)))
     fused_only = {"capturable": kwargs.pop("capturable")} if "capturable" in kwargs else {}
-    if kwargs.get("lr") == "tensor":
-        kwargs["lr"] = torch.tensor(1e-2, device="cuda")
-    kwargs.setdefault("lr", 1e-2)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator).to(dtype))
-              for s in SHAPES]
-    twins = [torch.nn.Parameter(p.detach().double()) for p in params]
-    ours = getattr(fusedopt, optimizer_cls)(params, **kwargs, **fused_only, backend=backend)
-    theirs = getattr(torch.optim, optimizer_cls)(twins, **kwargs, foreach=False)
-    for _ in range(7):
-        for p, t in zip(params, twins):
-            grad = torch.randn(p.shape, device="cuda", generator=generator) + 0.5
-            p.grad, t.grad = grad.to(dtype), grad.to(dtype).double()
-        ours.step()
-        theirs.step()
-    atol, rtol = TOLERANCES[dtype]
-    for p, t in zip(params, twins):
-        torch.testing.assert_close(p.detach().double(), t.detach(), atol=atol, rtol=rtol)
-        assert ours.state[p]["step"].device == p.device
-        for key in theirs.state[t]:
-            if key != "step":
-                torch.testing.assert_close(ours.state[p][key].double(), theirs.state[t][key],
-                                           atol=atol, rtol=rtol)
+    results = run_on_gpu(
+        lambda ps: getattr(fusedopt, optimizer_cls)(ps, **kwargs, **fused_only, backend=backend),
+        lambda ps: getattr(torch.optim, optimizer_cls)(ps, **kwargs, foreach=False), dtype)
+    assert_gpu_state_matches(*results, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("case_id,kwargs", SGD_CASES, ids=[c[0] for c in SGD_CASES])
+def test_gpu_sgd_steps_match_torch(case_id, kwargs, backend, dtype):
+    """tests/test_sgd.py's cases against torch.optim.SGD in fp64 (a CUDA lr tensor for
+    "tensor_lr")."""
+    kwargs = gpu_lr(kwargs)
+    results = run_on_gpu(lambda ps: fusedopt.SGD(ps, **kwargs, backend=backend),
+                         lambda ps: torch.optim.SGD(ps, **kwargs, foreach=False), dtype)
+    assert_gpu_state_matches(*results, dtype)
+
+
+# tests/test_lion.py's cases, plus the options lion-pytorch lacks (there tested on CPU only).
+GPU_LION_CASES = [*LION_CASES,
+                  ("maximize_tensor_lr", {"maximize": True, "weight_decay": 0.1, "lr": "tensor"})]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("case_id,kwargs", GPU_LION_CASES, ids=[c[0] for c in GPU_LION_CASES])
+def test_gpu_lion_steps_match_reference(case_id, kwargs, backend, dtype):
+    """Against fusedopt.reference.lion on copies of the same dtype: sign() turns a rounding of
+    beta1 * exp_avg + (1 - beta1) * grad across zero into a full lr step, so an fp64 oracle
+    (lion-pytorch in fp64, as on CPU) would differ wherever that sum is within rounding of zero,
+    which over these sizes is likely; the reference rounds where the kernels do (no FMA on any
+    backend, docs/numerics.md), so the signs agree."""
+    kwargs = gpu_lr(kwargs)
+    results = run_on_gpu(lambda ps: fusedopt.Lion(ps, **kwargs, backend=backend),
+                         lambda ps: fusedopt.Lion(ps, **kwargs, backend="reference"), dtype,
+                         oracle_dtype=dtype)
+    assert_gpu_state_matches(*results, dtype)
 
 
 @pytest.mark.parametrize("backend", gpu_backends())

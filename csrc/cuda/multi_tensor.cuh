@@ -1,4 +1,7 @@
-// Shared machinery of the CUDA multi-tensor optimizer ops (adam.cu, lion.cu, sgd.cu).
+// Shared machinery of the CUDA multi-tensor optimizer ops (adam.cu, lion.cu, sgd.cu): one step
+// kernel and one host launcher (launch_step, at the end), templated over an algorithm's math
+// functor. An optimizer's .cu keeps only its functor, its input checks, its op entry points and
+// its registration.
 //
 // Layout of the work (multi-tensor apply): every tensor is cut into chunks of kChunkSize elements,
 // each CUDA block updates one chunk, and one launch carries the addresses of up to kMaxTensors
@@ -7,18 +10,28 @@
 // chunk of every list through an element-wise update in opmath registers, with 128-bit loads and
 // stores wherever the chunk is aligned.
 //
-// Nothing here reads a device value on the host: lr (tensor_lr overloads), grad_scale and
-// found_inf reach the kernels as device pointers (StepScalars), so the ops are safe to capture in a
-// CUDA graph. Only a CPU lr tensor is read on the host, which needs no sync.
+// Rounding (docs/numerics.md): contraction is off by build flag. Every .cu is compiled with
+// --fmad=false (setup.py, tests/test_cuda_build.py), so `a * b + c` rounds the product and the sum
+// separately, as the reference's separate torch ops do; the functors write no FMA. Division and
+// sqrt are IEEE round-to-nearest by nvcc's defaults (-prec-div=true -prec-sqrt=true -ftz=false,
+// which only --use_fast_math changes, and nothing passes it): plain `/` and `sqrt` compile to the
+// same div.rn / sqrt.rn instructions as __fdiv_rn / __fsqrt_rn, so no helper spells them out.
+//
+// Nothing here reads a device value on the host: lr (tensor_lr overloads), grad_scale,
+// found_inf and step counters reach the kernels as device pointers, so the ops are safe to
+// capture in a CUDA graph. Only a CPU lr tensor is read on the host, which needs no sync.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -93,62 +106,7 @@ __device__ __forceinline__ void chunk_pointers(const Args& args, const ChunkRang
 }
 
 // ---------------------------------------------------------------------------------------------
-// Device-side arithmetic and memory helpers
-
-// Arithmetic helpers, __host__ __device__ so that element updates written as functors can also
-// be exercised by host code (host arithmetic is IEEE already; the host paths are not used by the
-// kernels).
-//
-// Round-to-nearest division and sqrt spelled out, so the result tracks the reference's IEEE
-// arithmetic even if someone builds with --use_fast_math (setup.py does not).
-__host__ __device__ __forceinline__ float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-__host__ __device__ __forceinline__ double div_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-__host__ __device__ __forceinline__ float sqrt_rn(float a) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-__host__ __device__ __forceinline__ double sqrt_rn(double a) {
-#ifdef __CUDA_ARCH__
-  return __dsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-
-// A product rounded on its own, never contracted with a neighbouring add into one FMA: a * b + c
-// written with mul_rn rounds twice, exactly as the reference's separate torch ops do. Where the
-// update takes a sign or a comparison of such a sum (Lion), this keeps it bit-identical.
-__host__ __device__ __forceinline__ float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  volatile float product = a * b;  // volatile: no contraction on the host either
-  return product;
-#endif
-}
-__host__ __device__ __forceinline__ double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  volatile double product = a * b;
-  return product;
-#endif
-}
+// Device-side memory helpers
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -266,6 +224,17 @@ inline at::Tensor device_scalar_as_float(const char* op, const at::Tensor& t, co
   return t.to(at::kFloat);
 }
 
+// The lr of one step as its op received it: a Python float (the default overload) or a
+// 1-element tensor (the tensor_lr overload). Converts from either, so that one templated entry
+// point serves both overloads.
+struct LrArg {
+  double value = 0.0;
+  const at::Tensor* tensor = nullptr;  // the tensor_lr overload's lr; outlives the call
+
+  LrArg(double lr) : value(lr) {}               // NOLINT(google-explicit-constructor)
+  LrArg(const at::Tensor& lr) : tensor(&lr) {}  // NOLINT(google-explicit-constructor)
+};
+
 // lr, grad_scale and found_inf of one step, resolved for the kernels. Owns the float32 copies
 // until the launches are queued (the caching allocator orders any reuse of their memory after
 // this stream's work). Construct it under the params' device guard.
@@ -277,18 +246,18 @@ struct StepScalars {
   ScalarPointers ptrs{nullptr, nullptr, nullptr};
   at::Tensor lr_f, grad_scale_f, found_inf_f;
 
-  StepScalars(const char* op, double host_lr, const std::optional<at::Tensor>& lr_tensor,
-              const std::optional<at::Tensor>& grad_scale,
+  StepScalars(const char* op, const LrArg& lr_arg, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, c10::Device device)
-      : lr(host_lr) {
-    if (lr_tensor.has_value()) {
-      lr_dtype = lr_tensor->scalar_type();
-      if (lr_tensor->device().is_cpu()) {
-        TORCH_CHECK(lr_tensor->numel() == 1, "fusedopt::", op,
-                    ": lr must have exactly one element, got ", lr_tensor->numel());
-        lr = lr_tensor->item<double>();  // host memory: reading it does not sync
+      : lr(lr_arg.value) {
+    if (lr_arg.tensor != nullptr) {
+      const at::Tensor& lr_tensor = *lr_arg.tensor;
+      lr_dtype = lr_tensor.scalar_type();
+      if (lr_tensor.device().is_cpu()) {
+        TORCH_CHECK(lr_tensor.numel() == 1, "fusedopt::", op,
+                    ": lr must have exactly one element, got ", lr_tensor.numel());
+        lr = lr_tensor.item<double>();  // host memory: reading it does not sync
       } else {
-        lr_f = device_scalar_as_float(op, *lr_tensor, "lr", device);
+        lr_f = device_scalar_as_float(op, lr_tensor, "lr", device);
         ptrs.lr = lr_f.data_ptr<float>();
       }
     }
@@ -360,6 +329,19 @@ inline c10::Device check_tensor_lists(const char* op, const std::vector<NamedLis
   return device;
 }
 
+// Per-tensor step counters (Adam's state_steps): one 1-element float32 tensor per param, on the
+// params' device.
+inline void check_step_counters(const char* op, at::TensorList state_steps, c10::Device device) {
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const at::Tensor& step = state_steps[i];
+    TORCH_CHECK(step.defined() && step.scalar_type() == at::kFloat && step.numel() == 1 &&
+                    step.device() == device,
+                "fusedopt::", op, " (CUDA): state_steps[", i, "] must be a 1-element float32 "
+                "tensor on ", device, ", got ", step.scalar_type(), " with ", step.numel(),
+                " elements on ", step.device());
+  }
+}
+
 // The indices of the params of each storage dtype: one kernel instantiation per dtype, so each
 // dtype's tensors are launched separately.
 inline std::vector<std::pair<at::ScalarType, std::vector<size_t>>> group_by_dtype(
@@ -400,8 +382,8 @@ void multi_tensor_apply(const std::vector<at::TensorList>& lists,
     if constexpr (kHasMeta) args.meta[slot] = meta_of(i);
 
     const int64_t nchunks = (numel + kChunkSize - 1) / kChunkSize;
-    TORCH_CHECK(nchunks <= std::numeric_limits<int32_t>::max(), "fusedopt: tensor ", i, " has too many elements (", numel,
-                ")");
+    TORCH_CHECK(nchunks <= std::numeric_limits<int32_t>::max(), "fusedopt: tensor ", i,
+                " has too many elements (", numel, ")");
     for (int64_t chunk = 0; chunk < nchunks; ++chunk) {
       args.block_tensor[nblocks] = static_cast<uint8_t>(slot);
       args.block_chunk[nblocks] = static_cast<int32_t>(chunk);
@@ -426,12 +408,207 @@ void multi_tensor_apply(const std::vector<at::TensorList>& lists,
   if (nblocks > 0) launch(args, nblocks);
 }
 
-template <typename Args, typename LaunchFn>
-void multi_tensor_apply(const std::vector<at::TensorList>& lists,
-                        const std::vector<size_t>& indices, const LaunchFn& launch) {
-  static_assert(std::is_same_v<typename Args::MetaType, NoMeta>,
-                "pass meta_of for an Args with per-tensor metadata");
-  multi_tensor_apply<Args>(lists, indices, launch, [](size_t) { return NoMeta{}; });
+// ---------------------------------------------------------------------------------------------
+// The step kernel and its launcher, shared by every optimizer
+//
+// An optimizer's math is a functor type (AdamMath, LionMath, SgdMath) of this shape:
+//
+//   struct SomeMath {
+//     // Lists streamed: params, grads, then states; kMaxLists = kMinLists + 1 when the last
+//     // one is optional (Adam's max_exp_avg_sqs, SGD's momentum_buffers).
+//     static constexpr int kMinLists = 3, kMaxLists = 3;
+//     static constexpr bool kCountsSteps = true;  // optional (default false): one step counter
+//                                                 // per tensor (Adam's state_steps)
+//     double beta1, ...;                          // this call's hyper-parameters (host values)
+//
+//     template <typename opmath_t, int kLists>
+//     struct Update {
+//       // This block's scalars, from the hyper-parameters and the driver's BlockScalars.
+//       __device__ Update(const SomeMath& math, const BlockScalars& block);
+//       // One element: x[l] is element i of list l, in opmath_t, updated in place.
+//       __device__ void operator()(opmath_t (&x)[kLists]) const;
+//     };
+//   };
+//
+// The functor is the algorithm's arithmetic and nothing else. launch_step owns the rest: the
+// checks every list shares, the device guard and stream, grouping by dtype and dispatch, the
+// lr tensor, grad_scale and found_inf pointers, chunking and repeated launches, aligned 128-bit
+// loads and stores and the element tails, the found_inf skip, the step counters, and unscaling:
+// x[1] (the grads) reaches the functor already divided by grad_scale, and is written back only
+// when it was.
+
+// What the driver resolves for a block before its elements.
+struct BlockScalars {
+  double lr;       // this step's lr: read through the lr tensor's device pointer, or the host's
+  bool lr_single;  // lr came as a float32 tensor: the reference does lr's own arithmetic
+                   // (e.g. 1 - lr * weight_decay) in float32 then, in float64 for a Python float
+  double step;     // with step counters: the step this call counts as (counter + 1); else 0
+};
+
+// The call's constants, passed to every launch beside the tensor table.
+struct CallArgs {
+  ScalarPointers ptrs;
+  double lr;              // the host lr; ptrs.lr, when set, replaces it on the device
+  bool lr_single;         // see BlockScalars
+  unsigned unread_lists;  // bit l: list l is only written by this call, never read
+};
+
+// Math::kCountsSteps where Math declares it, else false.
+template <typename Math, typename = void>
+constexpr bool kCountsStepsOf = false;
+template <typename Math>
+constexpr bool kCountsStepsOf<Math, std::void_t<decltype(Math::kCountsSteps)>> =
+    Math::kCountsSteps;
+
+constexpr int kStepMaxBlocks = 320;
+
+template <typename Math, int kLists, int kMaxTensors>
+using StepArgsOf =
+    TensorListArgs<kLists, kMaxTensors, kStepMaxBlocks,
+                   std::conditional_t<kCountsStepsOf<Math>, const float*, NoMeta>>;
+
+template <typename Math, int kLists, int kMaxTensors>
+constexpr bool step_args_fit() {
+  return sizeof(StepArgsOf<Math, kLists, kMaxTensors>) + sizeof(Math) + sizeof(CallArgs) <=
+         static_cast<size_t>(kMaxArgBytes);
+}
+
+// One launch's table: 64 tensors where the kernel arguments have room for them, else 32.
+template <typename Math, int kLists>
+using StepArgs = StepArgsOf<Math, kLists, step_args_fit<Math, kLists, 64>() ? 64 : 32>;
+
+template <typename scalar_t, typename Math, typename Args>
+__global__ void __launch_bounds__(kBlockThreads)
+    step_kernel(const Args args, const Math math, const CallArgs call) {
+  if (skip_step(call.ptrs)) return;
+
+  using opmath_t = at::opmath_type<scalar_t>;  // fp32 for fp32/fp16/bf16 storage, fp64 for fp64
+  constexpr int kLists = Args::kLists;
+  const ChunkRange chunk = this_blocks_chunk(args);
+  scalar_t* ptrs[kLists];
+  chunk_pointers<scalar_t>(args, chunk, ptrs);
+
+  // The counters are advanced only after every block of the call (increment_steps_kernel), so no
+  // block sees a counter another one has bumped. Every thread computes the block's scalars
+  // itself: a few flops against the ~128 elements each then updates, and no __syncthreads.
+  BlockScalars block{read_lr(call.ptrs, call.lr), call.lr_single, 0.0};
+  if constexpr (kCountsStepsOf<Math>) {
+    block.step = static_cast<double>(*args.meta[chunk.tensor]) + 1.0;
+  }
+  const typename Math::template Update<opmath_t, kLists> update(math, block);
+  const bool unscale = call.ptrs.grad_scale != nullptr;
+  const opmath_t grad_scale = unscale ? static_cast<opmath_t>(*call.ptrs.grad_scale) : opmath_t(1);
+
+  constexpr unsigned kAll = all_lists(kLists);
+  const unsigned load_mask = kAll & ~call.unread_lists;
+  const unsigned store_mask = unscale ? kAll : kAll & ~list_bit(1);
+  for_each_element(ptrs, chunk.n, load_mask, store_mask, [&](opmath_t (&x)[kLists]) {
+    if (unscale) x[1] = x[1] / grad_scale;
+    update(x);
+  });
+}
+
+// A kernel that is not a template has internal linkage here, and so has its launcher: each .cu
+// gets its own copy, where one definition in several objects of the library would not link.
+namespace {
+
+constexpr int kMaxStepCounters = 448;
+struct StepCounterArgs {
+  float* steps[kMaxStepCounters];
+};
+static_assert(sizeof(StepCounterArgs) + sizeof(int) + sizeof(ScalarPointers) <= kMaxArgBytes,
+              "kernel arguments too large");
+
+// Advances the step counters; launched after every step_kernel of the call (same stream), so it
+// cannot race with their reads. Like the update, it is a no-op when found_inf is set.
+__global__ void increment_steps_kernel(const StepCounterArgs args, int count,
+                                       const ScalarPointers s) {
+  if (skip_step(s)) return;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < count) *args.steps[i] += 1.f;
+}
+
+inline void launch_increment_steps(at::TensorList state_steps, const ScalarPointers& s,
+                                   cudaStream_t stream) {
+  constexpr int kThreads = 128;
+  for (size_t begin = 0; begin < state_steps.size(); begin += kMaxStepCounters) {
+    const int count =
+        static_cast<int>(std::min<size_t>(kMaxStepCounters, state_steps.size() - begin));
+    StepCounterArgs args;
+    for (int k = 0; k < count; ++k) args.steps[k] = state_steps[begin + k].data_ptr<float>();
+    increment_steps_kernel<<<(count + kThreads - 1) / kThreads, kThreads, 0, stream>>>(args, count,
+                                                                                       s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+// Queues step_kernel over the tensors at `indices` (all of dtype scalar_t) of kLists lists.
+template <typename scalar_t, typename Math, int kLists>
+void launch_step_kernels(const std::vector<at::TensorList>& lists,
+                         const std::vector<size_t>& indices, const Math& math,
+                         const CallArgs& call, at::TensorList state_steps, cudaStream_t stream) {
+  using Args = StepArgs<Math, kLists>;
+  static_assert(step_args_fit<Math, kLists, Args::kMaxTensors>(), "kernel arguments too large");
+  multi_tensor_apply<Args>(
+      lists, indices,
+      [&](const Args& args, int nblocks) {
+        step_kernel<scalar_t><<<nblocks, kBlockThreads, 0, stream>>>(args, math, call);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      },
+      [&](size_t i) -> typename Args::MetaType {
+        if constexpr (kCountsStepsOf<Math>) {
+          return state_steps[i].data_ptr<float>();
+        } else {
+          return NoMeta{};
+        }
+      });
+}
+
+// One optimizer step of `math` over `lists` (params first, grads second, then the states; the
+// optional last list present or not), as op `op`. The caller has checked what is particular to
+// its op, including that every list (and state_steps, with step counters) has one tensor per
+// param. unread_lists: lists this call only writes (bit l for list l), e.g. SGD's buffers on its
+// first step.
+template <typename Math>
+void launch_step(const char* op, const std::vector<NamedList>& lists, const Math& math,
+                 const LrArg& lr, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, at::TensorList state_steps = {},
+                 unsigned unread_lists = 0u) {
+  static_assert(Math::kMinLists >= 2 &&
+                    (Math::kMaxLists == Math::kMinLists || Math::kMaxLists == Math::kMinLists + 1),
+                "params, grads, then states, of which only the last may be optional");
+  const at::TensorList params = lists[0].tensors;
+  if (params.empty()) return;
+  const c10::Device device = check_tensor_lists(op, lists);
+  if constexpr (kCountsStepsOf<Math>) {
+    TORCH_INTERNAL_ASSERT(state_steps.size() == params.size());
+    check_step_counters(op, state_steps, device);
+  }
+  const int nlists = static_cast<int>(lists.size());
+  TORCH_INTERNAL_ASSERT(nlists == Math::kMinLists || nlists == Math::kMaxLists);
+  std::vector<at::TensorList> tensor_lists;
+  for (const NamedList& list : lists) tensor_lists.push_back(list.tensors);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const StepScalars scalars(op, lr, grad_scale, found_inf, device);
+  const CallArgs call{scalars.ptrs, scalars.lr, scalars.lr_dtype != at::kDouble, unread_lists};
+
+  for (const auto& group : group_by_dtype(params)) {
+    const std::vector<size_t>& indices = group.second;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.first, "fusedopt step", [&] {
+      if (nlists == Math::kMaxLists) {
+        launch_step_kernels<scalar_t, Math, Math::kMaxLists>(tensor_lists, indices, math, call,
+                                                             state_steps, stream);
+      } else {
+        launch_step_kernels<scalar_t, Math, Math::kMinLists>(tensor_lists, indices, math, call,
+                                                             state_steps, stream);
+      }
+    });
+  }
+  if constexpr (kCountsStepsOf<Math>) launch_increment_steps(state_steps, call.ptrs, stream);
 }
 
 }  // namespace cuda
