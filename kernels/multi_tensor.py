@@ -1,16 +1,65 @@
-"""What every fused optimizer step in fusedopt.kernels shares: the multi-tensor address tables,
-the @triton.jit helpers that read them, and the launchers' input checks.
+"""The shared driver of every fused optimizer step in fusedopt.kernels: two @triton.jit kernels
+that run an algorithm's math over its tensors, the multi-tensor address tables, launch(), and the
+launchers' input checks.
 
-A multi-tensor kernel updates a whole list of tensors in one launch. Each program takes one chunk
-(CHUNK_SIZE elements) of one tensor, and finds everything through two int64 tables, built here on
-the host from data_ptr() and numel() only (no device value is read) and cached on the device:
+An algorithm (kernels/adam.py, lion.py, sgd.py) is its math, two @triton.jit functions that the
+kernels take as tl.constexpr arguments and call:
 
-* the tensor table, one row per non-empty tensor: the addresses of the tensors an algorithm
-  streams (one column per tensor list, 0 for a list it does not use), then the addresses of any
-  extra per-tensor scalars (Adam's step), then numel;
-* the block table, one (tensor index, chunk start) pair per program.
+    PREPARE(tensors, lr, scalars, FLAGS) -> prepared
+        per-tensor values (a tuple), once per program: say, Adam's bias corrections from the
+        tensor's step. lr is the learning rate in fp64 (load_lr).
+    UPDATE(tensors, offsets, mask, param, grad, prepared, scalars, FLAGS) -> param
+        the rule for one block of elements of one tensor: loads and stores its state (offsets;
+        mask is None on a whole block of a multi-tensor chunk, so that its loads vectorize) and
+        returns the new param, given param and grad in fp32.
 
-Algorithms differ only in how many columns a row has; see tables().
+The kernels own what every optimizer step does alike (update_block): they load param and grad,
+unscale grad when there is a grad_scale, and store the param UPDATE returns and the unscaled grad;
+and they skip everything when found_inf is set. The arguments follow one convention, whatever the
+algorithm:
+
+* tensors: a tuple of pointers, one per tensor list the algorithm streams (params and grads
+  first), then one per extra per-tensor scalar (float32, say Adam's step): the order of launch()'s
+  `lists` and `extra_per_tensor`. A list the call does not use keeps its place and is never
+  dereferenced (there, the per-tensor kernel gets the param's pointer and the table an address
+  of 0).
+* scalars: the algorithm's host scalars, a tuple of floats (fp32 arguments) in the order of the
+  launcher's `scalars` dict.
+* FLAGS: the algorithm's compile-time switches as one constexpr int, a bit each (flag_bits,
+  pack_flags), tested as `BIT & FLAGS` (bit first: tl.constexpr has no reflected `&`, and the
+  interpreter passes FLAGS as a plain int).
+
+Why an int and a dummy pointer: Triton 3.3 compiles tuples of runtime values (pointers, floats)
+but cannot read a constexpr tuple, a tuple with constexpr elements or a constexpr named tuple's
+fields (3.6 reads the latter two), and 3.3 and 3.6 both reject a None inside a tuple argument.
+
+The kernels:
+
+* tensor_kernel: one tensor per launch, its pointers as arguments; program i takes block i. Runs
+  anywhere Triton runs, the interpreter (TRITON_INTERPRET=1) on CPU tensors included.
+* multi_tensor_kernel: a whole list of tensors in one launch. Each program takes one chunk
+  (CHUNK_SIZE elements) of one tensor, and finds everything through two int64 tables, built here
+  on the host from data_ptr() and numel() only (no device value is read) and cached on the device:
+
+  - the tensor table, one row per non-empty tensor: the addresses of the tensors an algorithm
+    streams (one column per tensor list, 0 for a list it does not use), then the addresses of any
+    extra per-tensor scalars, then numel;
+  - the block table, one (tensor index, chunk start) pair per program.
+
+  Algorithms differ only in how many columns a row has: the kernel is told (NUM_STREAMS,
+  ROW_WIDTH) by the host's table (see tables()), never a number of its own.
+
+Every launch passes enable_fp_fusion=False (the contraction policy, docs/numerics.md); the
+interpreter accepts the keyword and has nothing to fuse.
+
+The launchers' contract (adam.adam, lion.lion, sgd.sgd; each adds its own): the math is the
+same-named function's of fusedopt.reference, which is the spec; tensors are updated in place,
+grads are unscaled in place when grad_scale is given, and nothing at all changes when found_inf
+is given and non-zero; no device value is read on the host. Inputs: params of one dtype (fp32,
+fp16 or bf16) on one device, every other tensor list of the params' dtype, device and shapes, all
+contiguous; lr a float or a 1-element tensor, and grad_scale and found_inf 1-element float
+tensors, on the params' device. multi_tensor: None (default) launches multi_tensor_kernel on
+CUDA tensors and tensor_kernel otherwise; True or False forces one.
 """
 
 from __future__ import annotations
@@ -36,6 +85,24 @@ def table_pointer(
         # On the pointer itself: the hint does not carry through the int -> pointer cast.
         pointer = tl.multiple_of(pointer, 16)
     return pointer
+
+
+@triton.jit
+def row_pointers(
+    row,
+    DTYPE: tl.constexpr,
+    NUM_STREAMS: tl.constexpr,
+    ROW_WIDTH: tl.constexpr,
+    ALIGNED_16: tl.constexpr,
+):
+    """The tensors tuple of a tensor-table row: its NUM_STREAMS data addresses as pointers to
+    DTYPE, then its extra per-tensor scalars' as pointers to float32 (the last column is numel)."""
+    tensors = ()
+    for column in tl.static_range(NUM_STREAMS):
+        tensors = tensors + (table_pointer(row + column, DTYPE, ALIGNED_16),)
+    for column in tl.static_range(NUM_STREAMS, ROW_WIDTH - 1):
+        tensors = tensors + (table_pointer(row + column, tl.float32, False),)
+    return tensors
 
 
 @triton.jit
@@ -80,11 +147,138 @@ def load_lr(
     return lr_value
 
 
-# Elements per block (one program of a per-tensor kernel, one loop step of a multi-tensor one) by
-# storage dtype, and elements per program of a multi-tensor kernel (a multiple of each).
+@triton.jit
+def update_block(
+    tensors,
+    offsets,
+    mask,
+    prepared,
+    scalars,
+    grad_scale_ptr,
+    UPDATE: tl.constexpr,
+    FLAGS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+):
+    """One block (offsets, mask) of one tensor: param and grad in, UPDATE, param (and with a
+    grad_scale, the unscaled grad) out, in place."""
+    param_ptr = tensors[0]
+    grad_ptr = tensors[1]
+    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        grad = tl.math.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
+
+    param = UPDATE(tensors, offsets, mask, param, grad, prepared, scalars, FLAGS)
+
+    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
+    if HAS_GRAD_SCALE:
+        tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tensor_kernel(
+    tensors,
+    numel,
+    scalars,
+    lr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    PREPARE: tl.constexpr,
+    UPDATE: tl.constexpr,
+    FLAGS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One tensor; program i updates elements [i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE).
+
+    tensors: a pointer per column of the algorithm's tensor table (see the module docstring)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < numel
+    if HAS_FOUND_INF:
+        mask = mask & keep_mask(found_inf_ptr, BLOCK_SIZE)
+
+    prepared = PREPARE(tensors, load_lr(lr, LR_IS_TENSOR), scalars, FLAGS)
+    update_block(tensors, offsets, mask, prepared, scalars, grad_scale_ptr, UPDATE, FLAGS,
+                 HAS_GRAD_SCALE)
+
+
+@triton.jit
+def multi_tensor_kernel(
+    tensor_table_ptr,
+    block_table_ptr,
+    scalars,
+    lr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    PREPARE: tl.constexpr,
+    UPDATE: tl.constexpr,
+    FLAGS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr,
+    DTYPE: tl.constexpr,
+    NUM_STREAMS: tl.constexpr,
+    ROW_WIDTH: tl.constexpr,
+    ALIGNED_16: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr,
+):
+    """Many tensors; program i updates one chunk of CHUNK_SIZE elements of one tensor.
+
+    tensor_table_ptr: int64 rows of ROW_WIDTH per tensor: NUM_STREAMS data addresses (of DTYPE
+    tensors), ROW_WIDTH - NUM_STREAMS - 1 addresses of float32 per-tensor scalars, then numel.
+    block_table_ptr: int64 rows of 2 per program: tensor index, chunk start (an element offset).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    row, chunk_start, chunk_end = program_chunk(
+        tensor_table_ptr, block_table_ptr, pid, ROW_WIDTH, BLOCK_SIZE, CHUNK_SIZE
+    )
+    tensors = row_pointers(row, DTYPE, NUM_STREAMS, ROW_WIDTH, ALIGNED_16)
+
+    # Whole blocks need no bounds mask (so their loads vectorize); only the chunk's tail does.
+    full_mask = None
+    if HAS_FOUND_INF:
+        full_mask = keep_mask(found_inf_ptr, BLOCK_SIZE)
+
+    prepared = PREPARE(tensors, load_lr(lr, LR_IS_TENSOR), scalars, FLAGS)
+    num_full_blocks = (chunk_end - chunk_start) // BLOCK_SIZE
+    for block in range(num_full_blocks):
+        offsets = chunk_start + block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        update_block(tensors, offsets, full_mask, prepared, scalars, grad_scale_ptr, UPDATE,
+                     FLAGS, HAS_GRAD_SCALE)
+    tail_start = chunk_start + num_full_blocks * BLOCK_SIZE
+    if tail_start < chunk_end:
+        offsets = tail_start + tl.arange(0, BLOCK_SIZE)
+        tail_mask = offsets < chunk_end
+        if HAS_FOUND_INF:
+            tail_mask = tail_mask & full_mask
+        update_block(tensors, offsets, tail_mask, prepared, scalars, grad_scale_ptr, UPDATE,
+                     FLAGS, HAS_GRAD_SCALE)
+
+
+# Elements per block (one program of tensor_kernel, one loop step of multi_tensor_kernel) by
+# storage dtype, and elements per program of multi_tensor_kernel (a multiple of each).
 BLOCK_SIZES = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}
 CHUNK_SIZE = 65536
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def flag_bits(count: int) -> tuple[tl.constexpr, ...]:
+    """count distinct bits of the kernels' FLAGS (1, 2, 4, ...), as the tl.constexpr globals that
+    an algorithm's @triton.jit functions test (`BIT & FLAGS`) and its launcher packs."""
+    return tuple(tl.constexpr(1 << i) for i in range(count))
+
+
+def pack_flags(*switches: tuple[tl.constexpr, bool]) -> int:
+    """The FLAGS constexpr of the kernels from (bit, on) pairs: the OR of the bits that are on."""
+    flags = 0
+    for bit, on in switches:
+        if on:
+            flags |= bit.value
+    return flags
 
 
 class Tables(NamedTuple):
@@ -93,6 +287,8 @@ class Tables(NamedTuple):
     tensor_table: Tensor
     block_table: Tensor
     num_programs: int
+    num_streams: int  # data columns of a row (the kernel's NUM_STREAMS)
+    row_width: int  # columns of a row, numel included (the kernel's ROW_WIDTH)
     aligned: bool  # every data address is a multiple of 16 bytes
 
 
@@ -111,8 +307,8 @@ def tables(
 
     lists: the tensor lists the kernel streams, params first (its numel is the row's numel); a
     None list is a column of zeros (a list the kernel does not use this call).
-    extra_per_tensor: lists of per-tensor scalars (say, Adam's steps) whose addresses follow the
-    data addresses in each row; they are not counted in the alignment check.
+    extra_per_tensor: lists of per-tensor float32 scalars (say, Adam's steps) whose addresses
+    follow the data addresses in each row; they are not counted in the alignment check.
 
     A row is then: len(lists) data addresses, len(extra_per_tensor) addresses, numel. Empty
     tensors get no row. The result is cached on (device, layout, every row).
@@ -149,6 +345,8 @@ def tables(
         tensor_table=table[: len(tensor_rows)],
         block_table=table[len(tensor_rows) :],
         num_programs=len(block_rows) // 2,
+        num_streams=num_data,
+        row_width=row_width,
         aligned=aligned,
     )
     if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
@@ -158,29 +356,43 @@ def tables(
 
 
 def launch(
-    tensor_kernel,
-    multi_tensor_kernel,
+    prepare: triton.JITFunction,
+    update: triton.JITFunction,
     lists: list[Sequence[Tensor] | None],
     *,
     multi_tensor: bool | None,
     lr: float | Tensor,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    scalars: dict,
-    flags: dict,
+    scalars: dict[str, float],
+    flags: int,
     extra_per_tensor: Sequence[Sequence[Tensor]] = (),
 ) -> None:
-    """Launches an algorithm's kernels over parallel tensor lists (None: a list this call does
-    not use). Every kernel also takes lr, grad_scale_ptr, found_inf_ptr and the flags LR_IS_TENSOR,
-    HAS_GRAD_SCALE, HAS_FOUND_INF and BLOCK_SIZE, which are derived here. Multi-tensor (default
-    on CUDA): one launch of multi_tensor_kernel(tensor_table, block_table, **scalars, DTYPE,
-    ALIGNED_16, CHUNK_SIZE, **flags). Per-tensor (elsewhere, and in the interpreter):
-    tensor_kernel(tensor of each list, extra tensors, numel, **scalars, **flags) once per
-    non-empty tensor, over cdiv(numel, BLOCK_SIZE) programs."""
+    """One step of an algorithm: its @triton.jit math, prepare and update (the kernels' PREPARE
+    and UPDATE), run over parallel tensor lists (None: a list this call does not use) and lists
+    of extra per-tensor float32 scalars.
+
+    scalars: {name: float}, passed as the tuple of its values in this order; flags: pack_flags'
+    int. lr, grad_scale_ptr, found_inf_ptr and the constexprs LR_IS_TENSOR, HAS_GRAD_SCALE,
+    HAS_FOUND_INF and BLOCK_SIZE are derived here. Multi-tensor (default on CUDA): one launch of
+    multi_tensor_kernel over tables(lists, extra_per_tensor), whose layout gives NUM_STREAMS and
+    ROW_WIDTH. Per-tensor (elsewhere, and in the interpreter): tensor_kernel once per non-empty
+    tensor, over cdiv(numel, BLOCK_SIZE) programs; an unused list's place holds the param."""
     params = lists[0]
-    scalars = dict(scalars, lr=lr, grad_scale_ptr=grad_scale, found_inf_ptr=found_inf)
-    flags = dict(flags, LR_IS_TENSOR=isinstance(lr, Tensor), HAS_GRAD_SCALE=grad_scale is not None,
-                 HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=BLOCK_SIZES[params[0].dtype])
+    common = {
+        "scalars": tuple(scalars.values()),
+        "lr": lr,
+        "grad_scale_ptr": grad_scale,
+        "found_inf_ptr": found_inf,
+        "PREPARE": prepare,
+        "UPDATE": update,
+        "FLAGS": flags,
+        "HAS_GRAD_SCALE": grad_scale is not None,
+        "HAS_FOUND_INF": found_inf is not None,
+        "LR_IS_TENSOR": isinstance(lr, Tensor),
+        "BLOCK_SIZE": BLOCK_SIZES[params[0].dtype],
+        "enable_fp_fusion": False,
+    }
     if multi_tensor is None:
         multi_tensor = params[0].device.type == "cuda"
     if multi_tensor:
@@ -189,21 +401,22 @@ def launch(
             multi_tensor_kernel[(table.num_programs,)](
                 table.tensor_table,
                 table.block_table,
-                **scalars,
                 DTYPE=TRITON_DTYPES[params[0].dtype],
+                NUM_STREAMS=table.num_streams,
+                ROW_WIDTH=table.row_width,
                 ALIGNED_16=table.aligned,
                 CHUNK_SIZE=CHUNK_SIZE,
-                **flags,
+                **common,
             )
         return
     for i, param in enumerate(params):
         numel = param.numel()
         if numel == 0:
             continue
-        tensors = [None if lst is None else lst[i] for lst in lists]
+        tensors = [param if lst is None else lst[i] for lst in lists]
         tensors += [extra[i] for extra in extra_per_tensor]
-        tensor_kernel[(triton.cdiv(numel, flags["BLOCK_SIZE"]),)](
-            *tensors, numel, **scalars, **flags
+        tensor_kernel[(triton.cdiv(numel, common["BLOCK_SIZE"]),)](
+            tuple(tensors), numel, **common
         )
 
 
@@ -257,6 +470,12 @@ def check_tensor_lists(
                 raise ValueError(f"{op}: {name}[{i}] is not contiguous")
 
 
+def check_betas(op: str, beta1: float, beta2: float) -> None:
+    """Both betas in [0, 1]."""
+    if not 0.0 <= beta1 <= 1.0 or not 0.0 <= beta2 <= 1.0:
+        raise ValueError(f"{op}: betas must be in [0, 1], got ({beta1}, {beta2})")
+
+
 def check_amp_scalars(
     op: str,
     params: Sequence[Tensor],
@@ -275,3 +494,17 @@ def check_amp_scalars(
         check_scalar_tensor(op, "grad_scale", grad_scale, device)
     if found_inf is not None:
         check_scalar_tensor(op, "found_inf", found_inf, device)
+
+
+def check_inputs(
+    op: str,
+    params: Sequence[Tensor],
+    lists: dict[str, Sequence[Tensor]],
+    lr: float | Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """What every optimizer launcher checks: its tensor lists ({name: tensors}) as
+    check_tensor_lists does, then lr, grad_scale and found_inf as check_amp_scalars does."""
+    check_tensor_lists(op, params, lists)
+    check_amp_scalars(op, params, lr, grad_scale, found_inf)

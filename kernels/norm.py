@@ -19,7 +19,9 @@ row is normalized over its N elements.
 With a residual, the normalized input s = x + residual is the value residual_out stores (rounded
 to its dtype), so the forward normalizes exactly what the backward later reads back as x.
 Statistics and all arithmetic are in fp32 whatever the storage dtype. A row's first element,
-row * N, is an int64 offset; offsets within a row are int32.
+row * N, is an int64 offset; offsets within a row are int32. Every launch passes
+enable_fp_fusion=False: no product is fused into a sum unless a kernel writes the FMA itself
+(docs/numerics.md).
 """
 
 from __future__ import annotations
@@ -507,6 +509,7 @@ def norm_fwd(
         ROWS_PER_PROGRAM=rows_per_program,
         BLOCK_N=block_n,
         num_warps=num_warps,
+        enable_fp_fusion=False,
     )
     return y, residual_out, mean, rstd
 
@@ -576,6 +579,7 @@ def norm_bwd(
             n,
             **flags,
             num_warps=num_warps,
+            enable_fp_fusion=False,
         )
 
     programs, rows_per_program = _bwd_row_ranges(x.device, rows, num_warps, col_blocks)
@@ -604,6 +608,7 @@ def norm_bwd(
         ONE_BLOCK=one_block,
         **flags,
         num_warps=num_warps,
+        enable_fp_fusion=False,
     )
     for partial, out in ((dweight_partial, dweight), (dbias_partial, dbias)):
         if partial is not None:
@@ -615,5 +620,6 @@ def norm_bwd(
                 BLOCK_PARTIALS=SUM_BLOCK_PARTIALS,
                 BLOCK_N=SUM_BLOCK_N,
                 num_warps=SUM_NUM_WARPS,
+                enable_fp_fusion=False,
             )
     return dx, dweight, dbias
