@@ -30,39 +30,19 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         op, dispatch_key)
 
 
-if defined("adam_"):
-
-    @torch.library.register_fake("fusedopt::adam_")
-    def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
-        return None
-
-    @torch.library.register_fake("fusedopt::adam_.tensor_lr")
-    def _adam_tensor_lr_fake(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs
-    ):
-        return None
+# The optimizer ops: each mutates its tensor lists in place and returns nothing, for a float lr
+# (the default overload) and a tensor lr (.tensor_lr); so does each fake.
+OPTIMIZER_OPS = ("adam_", "lion_", "sgd_")
 
 
-if defined("lion_"):
-
-    @torch.library.register_fake("fusedopt::lion_")
-    def _lion_fake(params, grads, exp_avgs, **kwargs):
-        return None
-
-    @torch.library.register_fake("fusedopt::lion_.tensor_lr")
-    def _lion_tensor_lr_fake(params, grads, exp_avgs, **kwargs):
-        return None
+def _mutates_only(*args, **kwargs) -> None:
+    return None
 
 
-if defined("sgd_"):
-
-    @torch.library.register_fake("fusedopt::sgd_")
-    def _sgd_fake(params, grads, momentum_buffers, **kwargs):
-        return None
-
-    @torch.library.register_fake("fusedopt::sgd_.tensor_lr")
-    def _sgd_tensor_lr_fake(params, grads, momentum_buffers, **kwargs):
-        return None
+for _op in OPTIMIZER_OPS:
+    if defined(_op):
+        torch.library.register_fake(f"fusedopt::{_op}", _mutates_only)
+        torch.library.register_fake(f"fusedopt::{_op}.tensor_lr", _mutates_only)
 
 
 if defined("norm_fwd"):
