@@ -136,6 +136,38 @@ def test_non_contiguous_input_and_grad(backend):
     check_against_torch("rms", x, (64,), weight, None, backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_rows_wider_than_8192_match_torch(kind, residual, backend, dtype):
+    """Rows of 12289 elements: wider than the C++ backward's grouped rows (kBackwardRowsMaxN =
+    8192; wider rows go one at a time) and summed in several kSumBlock pieces per row."""
+    generator = torch.Generator().manual_seed(6)
+    n = 12289
+    x = (torch.randn(3, n, generator=generator) * 2 + 0.5).to(dtype)
+    weight = (torch.randn(n, generator=generator) + 1).to(dtype)
+    bias = None if kind == "rms" else torch.randn(n, generator=generator).to(dtype)
+    res = torch.randn(3, n, generator=generator).to(dtype) if residual else None
+    check_against_torch(kind, x, (n,), weight, bias, backend, residual=res)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", norm_backends())
+@pytest.mark.parametrize("n", [769, 4097, 12289])
+def test_layer_norm_rows_whose_shifted_sums_cancel_match_torch(n, backend, dtype):
+    """The C++ LayerNorm's one-pass statistics shift each row by the mean of its first vector step
+    (at most 32 elements). Here those elements sit 10 spreads above the rest of the row, itself 30
+    spreads off zero: the shift is far from the mean, the shifted sums cancel ((mean - shift)^2 >
+    kMaxShiftedCancellation * var) and every row takes the exact second pass over the row."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4, n, generator=generator) + 30
+    x[:, :32] += 10
+    weight = torch.randn(n, generator=generator) + 1
+    bias = torch.randn(n, generator=generator)
+    check_against_torch("layer", x.to(dtype), (n,), weight.to(dtype), bias.to(dtype), backend)
+
+
 @pytest.mark.parametrize("module", ["LayerNorm", "RMSNorm"])
 def test_modules_load_torch_checkpoints_and_match_torch(module):
     kwargs = {"eps": 1e-5} if module == "RMSNorm" else {}

@@ -187,14 +187,18 @@ inline void write_scalar(const at::Tensor& t, double value) {
   }
 }
 
+// Forced inlining for the loops that take an algorithm's math as a lambda: as out-of-line
+// functions, the lambdas' captured vector constants were re-read from memory in every step (the
+// 25M-param AdamW step measured ~16.4 ms against ~15.0 ms inlined).
+#define FUSEDOPT_INLINE __attribute__((always_inline)) inline
+// The same for a lambda, written after its parameter list: [&](int64_t i) FUSEDOPT_INLINE_LAMBDA {.
+#define FUSEDOPT_INLINE_LAMBDA __attribute__((always_inline))
+
 // Runs step(i, n) over [begin, end) one vector step (kStep elements) at a time, calling
-// prefetch(i) before each full step (n == kStep there). Forced inline: as an out-of-line function,
-// the lambdas' captured vector constants were re-read from memory in every step (the 25M-param
-// AdamW step measured ~16.4 ms against ~15.0 ms inlined).
+// prefetch(i) before each full step (n == kStep there).
 template <int64_t kStep = kVecStep, typename PrefetchFn, typename StepFn>
-__attribute__((always_inline)) inline void for_each_vector(int64_t begin, int64_t end,
-                                                           const PrefetchFn& prefetch,
-                                                           const StepFn& step) {
+FUSEDOPT_INLINE void for_each_vector(int64_t begin, int64_t end, const PrefetchFn& prefetch,
+                                     const StepFn& step) {
   int64_t i = begin;
   for (; i + kStep <= end; i += kStep) {
     prefetch(i);
@@ -208,16 +212,43 @@ inline bool skip_step(const std::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && read_scalar(*found_inf) != 0.0;
 }
 
-// GradScaler's grad_scale as the factor that unscales grads (1 when grads are not scaled), in
-// double: each kernel rounds it to its compute type.
-inline double inv_grad_scale(const std::optional<at::Tensor>& grad_scale) {
-  return grad_scale.has_value() ? 1.0 / read_scalar(*grad_scale) : 1.0;
+// GradScaler's grad_scale as an optimizer step applies it: when given, each grad is divided by it
+// (rounded to the compute type, as the reference divides) and stored back unscaled, as torch's
+// fused steps leave it.
+struct GradUnscale {
+  bool active;
+  double scale;
+};
+
+inline GradUnscale grad_unscale(const std::optional<at::Tensor>& grad_scale) {
+  if (!grad_scale.has_value()) return {false, 1.0};
+  return {true, read_scalar(*grad_scale)};
 }
 
-inline double read_lr(const at::Tensor& lr, const char* op) {
+// The learning rate as an op received it. Where it came from matters to the reference's rounding of
+// 1 - lr * weight_decay: a float lr is Python arithmetic (double), a tensor lr is a tensor of the
+// compute type (see decay_factor).
+struct LearningRate {
+  double value;
+  bool from_tensor;
+};
+
+// The decoupled weight decay factor 1 - lr * weight_decay in the compute type T, formed as
+// fusedopt/reference.py forms it: in double and rounded once from a float lr, in T from a tensor
+// lr.
+template <typename T>
+T decay_factor(const LearningRate& lr, double weight_decay) {
+  if (lr.from_tensor) return T(1) - T(lr.value) * T(weight_decay);
+  return T(1.0 - lr.value * weight_decay);
+}
+
+// The lr of an op's two overloads: a float (`adam_`) or a 1-element tensor (`adam_.tensor_lr`).
+inline LearningRate learning_rate(double lr, const char*) { return {lr, false}; }
+
+inline LearningRate learning_rate(const at::Tensor& lr, const char* op) {
   TORCH_CHECK(lr.device().is_cpu() && lr.numel() == 1, "fusedopt.", op,
               " (cpu): a tensor lr must be a 1-element CPU tensor");
-  return read_scalar(lr);
+  return {read_scalar(lr), true};
 }
 
 // Checks that tensor i of every list sits on the CPU with param i's dtype and shape.
@@ -304,6 +335,87 @@ void for_each_chunk(at::ScalarType dtype, const std::vector<at::TensorList>& lis
     });
   });
   flat.write_back();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The optimizer step driver
+
+// The streams of one optimizer step are tensor i of each of the op's lists, in the op's order:
+// the param is stream 0, the grad stream 1, the algorithm's states follow. A stream mask has bit k
+// set for stream k.
+constexpr int kParamStream = 0;
+constexpr int kGradStream = 1;
+template <int... kStreams>
+constexpr unsigned kStreamMask = (0u | ... | (1u << kStreams));
+
+// Calls fn(std::integral_constant<int, k>{}) for every stream k of K... whose bit is in kMask.
+template <unsigned kMask, typename Fn, int... K>
+FUSEDOPT_INLINE void for_each_stream(const Fn& fn, std::integer_sequence<int, K...>) {
+  (
+      [&]() FUSEDOPT_INLINE_LAMBDA {
+        if constexpr ((kMask >> K & 1u) != 0) fn(std::integral_constant<int, K>{});
+      }(),
+      ...);
+}
+
+// update(v[0], ..., v[kStreams - 1]).
+template <typename Fn, typename V, int... K>
+FUSEDOPT_INLINE void apply_to_streams(const Fn& fn, V* v, std::integer_sequence<int, K...>) {
+  fn(v[K]...);
+}
+
+// The one vector loop of every optimizer step. Over elements [begin, end) of one tensor's streams
+// (ptr[k]: the data of stream k), kVecStepOf<scalar_t> elements at a time, it
+//   prefetches kPrefetchElements ahead every stream it loads or stores (for writing if it stores),
+//   loads each stream in kLoaded as two compute vectors (fp32, fp64 for fp64 storage); the others
+//     are zeros,
+//   unscales the grad and stores it back unscaled (unscale.active),
+//   runs update(v_0, ..., v_{kStreams - 1}) on the first vector of every stream, then on the
+//     second, in place,
+//   stores each stream in kStored.
+// A stream in neither mask is never touched, ptr[k] included (Adam without amsgrad, SGD without
+// momentum); one stored but not loaded is written only (SGD's first momentum step). The masks are
+// template arguments, so that which streams move costs no branch in the loop. Forced inline, with
+// the update inlined into its loop (see FUSEDOPT_INLINE); an update lambda captures its vector
+// constants by value ([=]): captured by reference, GCC re-read some of them from the stack in every
+// step (Lion's).
+template <int kStreams, unsigned kLoaded, unsigned kStored, typename scalar_t, typename UpdateFn>
+FUSEDOPT_INLINE void for_each_step(scalar_t* const* ptr, int64_t begin, int64_t end,
+                                   const GradUnscale& unscale, const UpdateFn& update) {
+  static_assert(((kLoaded | kStored) >> kStreams) == 0, "a mask names a stream past kStreams");
+  static_assert((kLoaded >> kGradStream & 1u) != 0 && (kStored >> kGradStream & 1u) == 0,
+                "every step loads its grad and stores it only unscaled");
+  using V = ComputeVec<scalar_t>;
+  using T = typename V::value_type;
+  constexpr auto kAll = std::make_integer_sequence<int, kStreams>{};
+  scalar_t* data[kStreams] = {};
+  for_each_stream<kLoaded | kStored>([&](auto k) FUSEDOPT_INLINE_LAMBDA { data[k] = ptr[k]; },
+                                     kAll);
+  const bool unscale_grad = unscale.active;
+  const V grad_scale(T(unscale.scale));
+
+  for_each_vector<kVecStepOf<scalar_t>>(begin, end, [&](int64_t i) FUSEDOPT_INLINE_LAMBDA {
+    for_each_stream<kLoaded | kStored>([&](auto k) FUSEDOPT_INLINE_LAMBDA {
+      prefetch_ahead<(kStored >> decltype(k)::value & 1u) != 0>(data[k], i);
+    }, kAll);
+  }, [&](int64_t i, int64_t n) FUSEDOPT_INLINE_LAMBDA {
+    V lo[kStreams], hi[kStreams];
+    for_each_stream<kLoaded>([&](auto k) FUSEDOPT_INLINE_LAMBDA {
+      load_float(data[k] + i, n, lo[k], hi[k]);
+    }, kAll);
+    for_each_stream<~kLoaded>([&](auto k) FUSEDOPT_INLINE_LAMBDA { lo[k] = hi[k] = V(T(0)); },
+                              kAll);
+    if (unscale_grad) {
+      lo[kGradStream] = lo[kGradStream] / grad_scale;
+      hi[kGradStream] = hi[kGradStream] / grad_scale;
+      store_float(data[kGradStream] + i, n, lo[kGradStream], hi[kGradStream]);
+    }
+    apply_to_streams(update, lo, kAll);
+    apply_to_streams(update, hi, kAll);
+    for_each_stream<kStored>([&](auto k) FUSEDOPT_INLINE_LAMBDA {
+      store_float(data[k] + i, n, lo[k], hi[k]);
+    }, kAll);
+  });
 }
 
 }  // namespace fusedopt::cpu

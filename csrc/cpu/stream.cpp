@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "multi_tensor.h"
+#include "norm_rows.h"  // kMinElementsPerTask: threads take runs of elements as the norms take rows
 #include "streaming_store.h"
 
 namespace fusedopt::cpu {
@@ -39,9 +40,6 @@ void stream_rmw_cpu(at::TensorList outs, const at::Tensor& src) {
     });
   });
 }
-
-// Threads take runs of at least this many elements (as the norm kernels take rows).
-constexpr int64_t kMinElementsPerTask = 65536;
 
 at::Tensor stream_sum_cpu(at::TensorList inputs) {
   TORCH_CHECK(!inputs.empty(), "fusedopt.stream_sum (cpu): needs at least one input");

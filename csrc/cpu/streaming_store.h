@@ -19,8 +19,6 @@
 
 namespace fusedopt::cpu {
 
-#define FUSEDOPT_INLINE __attribute__((always_inline)) inline
-
 // Outputs larger than this are written with streaming (non-temporal) stores: no read-for-ownership
 // of the destination and no eviction of the rows being worked on. Measured here (2 cores, fp32):
 // a 128 MiB copy into reused memory takes 9.6 ms with ordinary stores and 6.4 ms streamed, while
