@@ -77,12 +77,16 @@ def main() -> None:
     for _ in range(args.runs):
         for tree in (args.old, args.new):
             samples[tree].append(run(tree))
-    print(f"| case | old ms ({args.old}) | new ms ({args.new}) | new / old |")
-    print("|---|---:|---:|---:|")
+    print(f"| case | old ms ({args.old}) | new ms ({args.new}) | new / old | per-run new / old, "
+          "min to max |")
+    print("|---|---:|---:|---:|---:|")
     for case in samples[args.old][0]:
-        old = statistics.median(s[case] for s in samples[args.old])
-        new = statistics.median(s[case] for s in samples[args.new])
-        print(f"| {case} | {old:.2f} | {new:.2f} | {new / old:.3f} |")
+        old = [s[case] for s in samples[args.old]]
+        new = [s[case] for s in samples[args.new]]
+        per_run = [n / o for n, o in zip(new, old)]
+        print(f"| {case} | {statistics.median(old):.2f} | {statistics.median(new):.2f} | "
+              f"{statistics.median(new) / statistics.median(old):.3f} | "
+              f"{min(per_run):.2f} to {max(per_run):.2f} |")
 
 
 if __name__ == "__main__":
