@@ -229,11 +229,10 @@ def _summary() -> dict[str, dict[str, object]]:
     runs on, and names the algorithms it cannot run, with why."""
     report = {}
     for backend in BACKENDS[1:]:
-        impls = [entry[backend] for entry in REGISTRY.values() if backend in entry]
-        ready = [impl for impl in impls if impl.available]
-        missing = {name: entry[backend].reason for name, entry in REGISTRY.items()
-                   if backend in entry and not entry[backend].available}
-        reason = ready[0].reason if ready else impls[0].reason
+        impls = {name: entry[backend] for name, entry in REGISTRY.items() if backend in entry}
+        ready = [impl for impl in impls.values() if impl.available]
+        missing = {name: impl.reason for name, impl in impls.items() if not impl.available}
+        reason = (ready or list(impls.values()))[0].reason
         if ready and missing:
             reason += "; not " + "; not ".join(f"{name} ({why})" for name, why in missing.items())
         report[backend] = {"available": bool(ready), "reason": reason}

@@ -43,7 +43,8 @@ def _step(algorithm: str, lists: tuple[list[Tensor], ...], backend: str, **kwarg
     kwargs["found_inf"] = _on(device, kwargs.get("found_inf"))
     if impl.contiguous_only:  # Triton streams flat arrays; the rare strided rest: the reference
         lists, strided = _split_contiguous(lists)
-        _registry.REGISTRY[algorithm]["reference"].run(*strided, **kwargs)
+        if strided[0]:
+            _registry.REGISTRY[algorithm]["reference"].run(*strided, **kwargs)
     impl.run(*lists, **kwargs)
 
 
