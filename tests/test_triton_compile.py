@@ -2,7 +2,7 @@
 launchers use, on machines without a GPU.
 
 The kernels are not called by hand: each case runs a real launcher (fusedopt.kernels.adam.adam,
-lion.lion, sgd.sgd, norm.norm_fwd / norm_bwd) on small CPU tensors with Triton's launch step
+lion.lion, sgd.sgd, norm.norm_fwd / norm_bwd, newton_schulz.gram / gram_polynomial) on small CPU tensors with Triton's launch step
 (JITFunction.run) replaced by a recorder, so the signatures, constexprs and launch options
 compiled here are exactly the ones the launchers pass; types are Triton's own mangle_type of
 each argument, as the JIT derives them. No kernel runs. ASTSource takes signature and constexprs
@@ -22,7 +22,9 @@ switches on, so every code path of the update compiles in each dtype; then fp32 
 switches off (per-tensor and multi-tensor), and fp32 multi-tensor with each switch on alone, so
 each `if` compiles in both states. Norms: every dtype x RMS / LayerNorm x row width (one block,
 looped) with every feature on (residual, weight, bias, zero-centered weight), fp32 with none,
-the widest one-block row, and a residual kept in fp32. Compiled variants are cached per session.
+the widest one-block row, and a residual kept in fp32. Newton-Schulz products: gram and
+gram_polynomial in every dtype x every block-table row, with odd sizes, a batch and a transposed
+view, plus fp32 with tf32 products. Compiled variants are cached per session.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import fusedopt.kernels
 import triton
-from fusedopt.kernels import adam, lion, multi_tensor, norm, sgd
+from fusedopt.kernels import adam, lion, multi_tensor, newton_schulz, norm, sgd
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, mangle_type
@@ -286,6 +288,79 @@ def test_norm_kernels_compile_for_sm90(case, monkeypatch):
         compile_sm90(launch)
 
 
+# ---- Newton-Schulz products ---------------------------------------------------------------
+
+class NewtonSchulzCase(NamedTuple):
+    op: str  # "gram" or "gram_polynomial"
+    dtype: str
+    shape: str  # a key of NS_SHAPES
+    input_precision: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.dtype}-{self.shape}" + (
+            f"-{self.input_precision}" if self.input_precision else "")
+
+
+# (batch or None, m, n, transposed): every row of newton_schulz.BLOCK_CONFIGS (m <= 32, <= 256,
+# larger), sizes that are not multiples of the block, a batch, and a tall matrix's transposed
+# view (x.mT of a contiguous (batch, n, m); for gram_polynomial, a.mT of a square a).
+NS_SHAPES = {
+    "small": (None, 5, 9, False),
+    "odd": (None, 70, 33, False),
+    "batched": (3, 64, 128, False),
+    "tall": (2, 100, 300, True),
+    "large": (None, 300, 257, False),
+}
+SHARED_MEMORY_SM90 = 227 * 1024  # the most shared memory one sm_90 block may use
+
+
+def newton_schulz_cases() -> list[NewtonSchulzCase]:
+    cases = [NewtonSchulzCase(op, dtype, shape) for op in ("gram", "gram_polynomial")
+             for dtype in DTYPES for shape in NS_SHAPES]
+    cases += [NewtonSchulzCase(op, "fp32", "odd", "tf32") for op in ("gram", "gram_polynomial")]
+    return cases
+
+
+def run_newton_schulz(case: NewtonSchulzCase) -> None:
+    batch, m, n, transposed = NS_SHAPES[case.shape]
+    k = n if case.op == "gram" else m
+    stored = (k, m) if transposed else (m, k)
+    x = torch.ones(stored if batch is None else (batch, *stored), dtype=DTYPES[case.dtype])
+    if transposed:
+        x = x.mT
+    if case.op == "gram":
+        newton_schulz.gram(x, input_precision=case.input_precision)
+    else:
+        newton_schulz.gram_polynomial(x, -4.775, 2.0315, input_precision=case.input_precision)
+
+
+NS_CASES = newton_schulz_cases()
+
+
+@pytest.mark.parametrize("case", NS_CASES, ids=[c.id for c in NS_CASES])
+def test_newton_schulz_kernels_compile_for_sm90(case, monkeypatch):
+    """Each compiles within sm_90's shared memory; fp16 / bf16 (and fp32 with tf32) products run
+    on the tensor cores (wgmma, or mma.sync for the smallest tiles), and fp32 "ieee" ones do not.
+    Where the tensor cores multiply, the PTX has no fma.rn.f32 at all: the epilogue
+    alpha * acc + beta * c was not contracted (enable_fp_fusion=False)."""
+    launches = record_launches(monkeypatch, lambda: run_newton_schulz(case))
+    assert_launched_under_the_contraction_policy(launches)
+    (launch,) = launches
+    assert launch.kernel is newton_schulz._symmetric_matmul_kernel
+    compiled = compile_sm90(launch)
+    assert compiled.metadata.shared <= SHARED_MEMORY_SM90
+    ptx = compiled.asm["ptx"]
+    tensor_cores = "wgmma.mma_async" in ptx or "mma.sync" in ptx
+    if case.dtype != "fp32" or case.input_precision == "tf32":
+        assert tensor_cores, "tl.dot did not use the tensor cores"
+        assert "fma.rn.f32" not in ptx, "the epilogue contracted a product into a sum"
+    else:
+        assert not tensor_cores, "fp32 products in ieee precision went to the tensor cores"
+    if case.dtype == "bf16" and case.shape == "large":
+        assert "wgmma.mma_async" in ptx, "128 x 128 bf16 tiles on sm_90 use wgmma"
+
+
 # ---- coverage ------------------------------------------------------------------------------
 
 def test_the_cases_launch_every_kernel(monkeypatch):
@@ -303,4 +378,7 @@ def test_the_cases_launch_every_kernel(monkeypatch):
     for case in NORM_CASES:
         launched |= {launch.kernel for launch in
                      record_launches(monkeypatch, lambda case=case: run_norm(case))}
+    for case in NS_CASES:
+        launched |= {launch.kernel for launch in
+                     record_launches(monkeypatch, lambda case=case: run_newton_schulz(case))}
     assert {k.__name__ for k in defined} == {k.__name__ for k in launched}
