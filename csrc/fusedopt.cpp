@@ -40,6 +40,24 @@ TORCH_LIBRARY(fusedopt, m) {
       "sgd_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, "
       "Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Muon (math: fusedopt/reference.py::muon), in three ops around which the caller stacks and
+  // slices (FSDP2 gathers the update between the first two). muon_momentum_: for each i,
+  // momentum_buffers[i] = lerp(buf, grads[i], 1 - momentum) and updates[i] = the update to
+  // orthogonalize (Nesterov or the buffer); updates are written only, shaped and typed like the
+  // grads.
+  m.def(
+      "muon_momentum_(Tensor(a!)[] updates, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
+      "float momentum, bool nesterov) -> ()");
+  // newton_schulz: the Newton-Schulz orthogonalization of each matrix of x (batch, rows, cols),
+  // len(coefficients) / 3 iterations of the flattened (a, b, c) triples, in dtype (accumulating in
+  // fp32); returns (batch, rows, cols) in dtype. x is normalized by its Frobenius norm (at least
+  // eps) first.
+  m.def("newton_schulz(Tensor x, float[] coefficients, float eps, ScalarType dtype) -> Tensor");
+  // muon_update_: params[i] = params[i] * (1 - lr * weight_decay) - adjusted_lr * orthogonalized[i]
+  // (orthogonalized: contiguous, as many elements as the param, in the param's dtype or bf16 / fp32).
+  m.def(
+      "muon_update_(Tensor(a!)[] params, Tensor[] orthogonalized, *, float lr, "
+      "float weight_decay, float adjusted_lr) -> ()");
   // LayerNorm (rms=false) or RMSNorm (rms=true) over the last dimension of a contiguous 2-D x
   // (rows, N), optionally after a fused residual add (math: fusedopt/reference.py::layer_norm,
   // rms_norm). Returns y (x's dtype); residual_out = x + residual (fp32 if residual_in_fp32, else

@@ -44,6 +44,18 @@ for _op in OPTIMIZER_OPS:
         torch.library.register_fake(f"fusedopt::{_op}", _mutates_only)
         torch.library.register_fake(f"fusedopt::{_op}.tensor_lr", _mutates_only)
 
+# Muon's elementwise ops mutate only, with one overload each; its Newton-Schulz op returns a new
+# matrix batch in the requested dtype.
+for _op in ("muon_momentum_", "muon_update_"):
+    if defined(_op):
+        torch.library.register_fake(f"fusedopt::{_op}", _mutates_only)
+
+if defined("newton_schulz"):
+
+    @torch.library.register_fake("fusedopt::newton_schulz")
+    def _newton_schulz_fake(x, coefficients, eps, dtype):
+        return x.new_empty(x.shape, dtype=dtype)
+
 
 if defined("norm_fwd"):
 

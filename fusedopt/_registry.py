@@ -1,6 +1,7 @@
 """Every implementation of every algorithm, as function objects, and how `backend=` picks one.
 
-REGISTRY maps an algorithm ("adam", "lion", "sgd", "norm") to its implementations in the order
+REGISTRY maps an algorithm ("adam", "lion", "sgd", Muon's three steps "muon_momentum",
+"newton_schulz" and "muon_update", "norm") to its implementations in the order
 `backend="auto"` prefers them. Each entry names the function that runs it, the device types and
 storage dtypes it takes, and whether it can run here (each op probed on its own). The dispatch
 layer (fusedopt.functional) calls `resolve(...).run`; fusedopt.backends() reports this table.
@@ -59,10 +60,12 @@ def _load_triton_kernels():
     if importlib.util.find_spec("triton") is None:
         return None, "triton is not installed"
     try:
-        from fusedopt.kernels import adam, lion, sgd
+        from fusedopt.kernels import adam, lion, muon, newton_schulz, sgd
     except Exception as error:  # noqa: BLE001 - a broken triton install must not break import
         return None, f"the Triton kernels did not import ({type(error).__name__}: {error})"
-    return {"adam": adam.adam, "lion": lion.lion, "sgd": sgd.sgd}, None
+    return {"adam": adam.adam, "lion": lion.lion, "sgd": sgd.sgd,
+            "muon_momentum": muon.muon_momentum, "muon_update": muon.muon_update,
+            "newton_schulz": newton_schulz.newton_schulz}, None
 
 
 _TRITON_OPTIMIZERS, _TRITON_ERROR = _load_triton_kernels()
@@ -80,18 +83,20 @@ def _triton_devices() -> tuple[tuple[str, ...], str | None]:
 
 
 def _op_caller(op: str) -> Callable:
-    """A fusedopt optimizer op as one function: the tensor_lr overload when lr is a tensor."""
+    """A fusedopt op as one function: the tensor_lr overload when lr is a tensor."""
     packet = getattr(torch.ops.fusedopt, op)
 
-    def run(*lists, lr, **kwargs) -> None:
-        (packet.tensor_lr if isinstance(lr, Tensor) else packet.default)(*lists, lr=lr, **kwargs)
+    def run(*args, **kwargs):
+        tensor_lr = isinstance(kwargs.get("lr"), Tensor)
+        return (packet.tensor_lr if tensor_lr else packet.default)(*args, **kwargs)
 
     run.__name__ = run.__qualname__ = f"fusedopt::{op}"
     return run
 
 
-def _extension_op(op: str, backend: str, dispatch_key: str, dtypes) -> Implementation:
-    """A C++ (dispatch_key CPU) or CUDA C++ op of fusedopt._C."""
+def _extension_op(op: str, backend: str, dispatch_key: str, dtypes,
+                  run: Callable | None = None) -> Implementation:
+    """A C++ (dispatch_key CPU) or CUDA C++ op of fusedopt._C, called through `run` if given."""
     device = dispatch_key.lower()
     if _ops.LOAD_ERROR:
         why = f"the C++ extension fusedopt._C did not load ({_ops.LOAD_ERROR})"
@@ -101,17 +106,23 @@ def _extension_op(op: str, backend: str, dispatch_key: str, dtypes) -> Implement
     elif device == "cuda" and not _CUDA_GPU:
         why = "no CUDA GPU is visible"
     else:
-        return Implementation(backend, _op_caller(op), (device,), dtypes, True,
+        return Implementation(backend, run or _op_caller(op), (device,), dtypes, True,
                               f"C++ kernels on {device} tensors")
     return Implementation(backend, None, (device,), dtypes, False, why)
 
 
-def _triton_optimizer(algorithm: str) -> Implementation:
+def _newton_schulz_op(x: Tensor, coefficients, eps: float, dtype: torch.dtype) -> Tensor:
+    """The newton_schulz op, whose schema takes the (a, b, c) triples flattened."""
+    flat = [float(value) for triple in coefficients for value in triple]
+    return torch.ops.fusedopt.newton_schulz(x, flat, eps, dtype)
+
+
+def _triton_optimizer(algorithm: str, contiguous_only: bool = True) -> Implementation:
     devices, why = _triton_devices()
     run = _TRITON_OPTIMIZERS[algorithm] if why is None else None
     where = "CPU tensors in Triton's interpreter" if devices == ("cpu",) else "CUDA tensors"
     return Implementation("triton", run, devices or ("cuda",), KERNEL_DTYPES, why is None,
-                          why or f"Triton kernels on {where}", contiguous_only=True)
+                          why or f"Triton kernels on {where}", contiguous_only=contiguous_only)
 
 
 def _reference(run: Callable) -> Implementation:
@@ -172,6 +183,19 @@ REGISTRY: dict[str, dict[str, Implementation]] = {
                     _extension_op("sgd_", "cuda", "CUDA", KERNEL_DTYPES),
                     _extension_op("sgd_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
                     _reference(reference.sgd)),
+    # Muon: its elementwise halves (in the params' dtype) and, between them, the Newton-Schulz
+    # iteration (keyed by the dtype it computes in: bf16, fp32, and fp64 on CPU).
+    "muon_momentum": _entries(_triton_optimizer("muon_momentum"),
+                              _extension_op("muon_momentum_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
+                              _reference(reference.muon_momentum)),
+    "newton_schulz": _entries(_triton_optimizer("newton_schulz", contiguous_only=False),
+                              _extension_op("newton_schulz", "cpp", "CPU",
+                                            (torch.float32, torch.bfloat16, torch.float64),
+                                            run=_newton_schulz_op),
+                              _reference(reference.newton_schulz)),
+    "muon_update": _entries(_triton_optimizer("muon_update"),
+                            _extension_op("muon_update_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
+                            _reference(reference.muon_update)),
     # LayerNorm and RMSNorm: one op (norm_fwd / norm_bwd) switched by `rms`. Its CUDA kernels are
     # Triton's; there is no CUDA C++ norm.
     "norm": _entries(_norm_op("triton", "CUDA"), _norm_op("cpp", "CPU"),

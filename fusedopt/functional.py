@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from fusedopt import _registry
+from fusedopt import _registry, reference
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
@@ -124,6 +124,101 @@ def sgd(
           momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
           maximize=maximize, is_first_step=is_first_step, grad_scale=grad_scale,
           found_inf=found_inf)
+
+
+def muon_momentum(
+    updates: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    momentum: float,
+    nesterov: bool,
+    backend: str = "auto",
+) -> None:
+    """Muon's momentum step, in place; see reference.muon_momentum. updates (written only) are
+    shaped and typed like the grads."""
+    if not grads:
+        return
+    impl = _registry.resolve("muon_momentum", backend, grads[0].device, grads[0].dtype)
+    if impl.contiguous_only:  # (the C++ op streams strided tensors through copies)
+        lists, strided = _split_contiguous((grads, momentum_buffers, updates))
+        if strided[0]:
+            reference.muon_momentum(strided[2], strided[0], strided[1], momentum=momentum,
+                                    nesterov=nesterov)
+        grads, momentum_buffers, updates = lists
+    if grads:
+        impl.run(updates, grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
+
+
+def newton_schulz(
+    x: Tensor,
+    coefficients: tuple[tuple[float, float, float], ...],
+    eps: float,
+    dtype: torch.dtype,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """The approximately orthogonal factor of each matrix of x (batch, rows, cols), in dtype;
+    see reference.newton_schulz."""
+    impl = _registry.resolve("newton_schulz", backend, x.device, dtype)
+    return impl.run(x, tuple(coefficients), eps, dtype)
+
+
+def muon_update(
+    params: list[Tensor],
+    orthogonalized: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    adjusted_lr: float,
+    backend: str = "auto",
+) -> None:
+    """Muon's weight decay and update, in place; see reference.muon_update. orthogonalized[i] is
+    contiguous and shaped like params[i]."""
+    if not params:
+        return
+    impl = _registry.resolve("muon_update", backend, params[0].device, params[0].dtype)
+    if impl.backend != "reference":  # the kernels stream flat params
+        lists, strided = _split_contiguous((params, orthogonalized))
+        if strided[0]:
+            reference.muon_update(*strided, lr=lr, weight_decay=weight_decay,
+                                  adjusted_lr=adjusted_lr)
+        params, orthogonalized = lists
+    if params:
+        impl.run(params, orthogonalized, lr=lr, weight_decay=weight_decay,
+                 adjusted_lr=adjusted_lr)
+
+
+def muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    coefficients: tuple[tuple[float, float, float], ...],
+    eps: float,
+    adjusted_lr: float,
+    ns_dtype: torch.dtype,
+    backend: str = "auto",
+) -> None:
+    """One Muon step of params that share one shape, dtype and device, in place; see
+    reference.muon. Their updates are stacked, so that one batched Newton-Schulz iteration
+    orthogonalizes them all (an N-D param as its (shape[0], -1) matrix)."""
+    if not params:
+        return
+    shape = params[0].shape
+    rows = shape[0] if len(shape) else 1
+    stack = torch.empty((len(params), rows, params[0].numel() // max(rows, 1)),
+                        dtype=grads[0].dtype, device=grads[0].device)
+    updates = [u.view(shape) for u in stack.unbind(0)]
+    muon_momentum(updates, grads, momentum_buffers, momentum=momentum, nesterov=nesterov,
+                  backend=backend)
+    orthogonalized = newton_schulz(stack, coefficients, eps, ns_dtype, backend=backend)
+    muon_update(params, [o.view(shape) for o in orthogonalized.unbind(0)], lr=lr,
+                weight_decay=weight_decay, adjusted_lr=adjusted_lr, backend=backend)
 
 
 def _norm(

@@ -189,6 +189,102 @@ def sgd(
         store(param, p - _in_compute_dtype(lr, dtype, param.device) * grad)
 
 
+def newton_schulz(
+    x: Tensor,
+    coefficients: tuple[tuple[float, float, float], ...],
+    eps: float,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The approximately orthogonal factor of each matrix in x (..., rows, cols), in `dtype`,
+    by len(coefficients) Newton-Schulz iterations, as torch.optim.Muon computes it:
+
+        X = x / max(||x||_F, eps)          (per matrix, rounded to dtype; X^T when rows > cols)
+        for (a, b, c) in coefficients:
+            A = X @ X^T;  B = b * A + c * A @ A;  X = a * X + B @ X
+        return X (transposed back)
+
+    Each product rounds to `dtype` (bf16 in torch: matmuls accumulate in fp32, store bf16)."""
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    norm = torch.linalg.vector_norm(x.to(_compute_dtype(x)), dim=(-2, -1), keepdim=True)
+    ortho = (x.to(norm.dtype) / norm.clamp(min=eps)).to(dtype)
+    for a, b, c in coefficients:
+        gram = ortho @ ortho.mT
+        gram_update = b * gram + c * (gram @ gram)
+        ortho = a * ortho + gram_update @ ortho
+    return ortho.mT if transposed else ortho
+
+
+def muon_momentum(
+    updates: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    momentum: float,
+    nesterov: bool,
+) -> None:
+    """The elementwise first half of a Muon step (torch.optim.Muon's), into `updates` (shaped
+    and typed like the grads):
+
+        buf = lerp(buf, g, 1 - momentum)
+        update = lerp(g, buf, momentum)  if nesterov  else  buf
+    """
+    for update, grad, buf in zip(updates, grads, momentum_buffers):
+        dtype = _compute_dtype(grad)
+        g = grad.to(dtype)
+        new_buf = buf.to(dtype).lerp(g, 1 - momentum)
+        buf.copy_(new_buf)
+        update.copy_(g.lerp(new_buf, momentum) if nesterov else new_buf)
+
+
+def muon_update(
+    params: list[Tensor],
+    orthogonalized: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    adjusted_lr: float,
+) -> None:
+    """The elementwise second half of a Muon step: decoupled weight decay, then the
+    orthogonalized update (any float dtype, shaped like the param) at the shape-adjusted lr:
+
+        param = param * (1 - lr * weight_decay) - adjusted_lr * orthogonalized
+    """
+    for param, ortho in zip(params, orthogonalized):
+        dtype = _compute_dtype(param)
+        p = param.to(dtype) * (1 - lr * weight_decay)
+        param.copy_(p - adjusted_lr * ortho.to(dtype))
+
+
+def muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    coefficients: tuple[tuple[float, float, float], ...],
+    eps: float,
+    adjusted_lr: float,
+    ns_dtype: torch.dtype,
+) -> None:
+    """One Muon step (Jordan et al. 2024) of params that share one shape, torch.optim.Muon's
+    update. An N-D param is orthogonalized as its (shape[0], -1) matrix:
+
+        muon_momentum -> O = newton_schulz(update as (rows, -1), coefficients, eps, ns_dtype)
+        -> muon_update(param, O reshaped)
+    """
+    updates = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+    muon_momentum(updates, grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
+    orthogonalized = [newton_schulz(u.reshape(u.shape[0], -1), coefficients, eps, ns_dtype)
+                      .reshape(u.shape) for u in updates]
+    muon_update(params, orthogonalized, lr=lr, weight_decay=weight_decay,
+                adjusted_lr=adjusted_lr)
+
+
 def _norm(
     x: Tensor,
     weight: Tensor | None,

@@ -296,3 +296,26 @@ def gram_polynomial(
     result = _output(op, a, a.shape[-1], out)
     _launch(a3, a3, a3, _as_batched(op, "out", result), float(c), float(b), precision)
     return result
+
+
+def newton_schulz(x: Tensor, coefficients: tuple[tuple[float, float, float], ...], eps: float,
+                  dtype: torch.dtype) -> Tensor:
+    """fusedopt.reference.newton_schulz with the symmetric products above and the third one a
+    cuBLAS GEMM (torch.baddbmm): x (batch, rows, cols) of any float dtype, normalized by its
+    Frobenius norm (at least eps) in fp32 (fp64 for fp64 x), iterated in dtype (fp32, fp16 or bf16); returns
+    (batch, rows, cols) in dtype. A tall x is iterated as its transpose (a view), and its last
+    product is written in the tall layout (X^T = a X^T + X^T B, B symmetric): no copy."""
+    transposed = x.shape[-2] > x.shape[-1]
+    wide = x.mT if transposed else x
+    wide = wide.to(torch.promote_types(wide.dtype, torch.float32))  # fp32 (fp64 stays)
+    norm = torch.linalg.vector_norm(wide, dim=(-2, -1), keepdim=True)
+    ortho = (wide / norm.clamp(min=eps)).to(dtype, memory_format=torch.contiguous_format)
+    gram_matrix = ortho.new_empty(ortho.shape[:-1] + ortho.shape[-2:-1])
+    gram_update = torch.empty_like(gram_matrix)
+    for step, (a, b, c) in enumerate(coefficients):
+        gram(ortho, out=gram_matrix)
+        gram_polynomial(gram_matrix, b, c, out=gram_update)
+        if transposed and step == len(coefficients) - 1:
+            return torch.baddbmm(ortho.mT, ortho.mT, gram_update, beta=a)
+        ortho = torch.baddbmm(ortho, gram_update, ortho, beta=a)
+    return ortho.mT.contiguous() if transposed else ortho
