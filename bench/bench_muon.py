@@ -61,13 +61,14 @@ def providers(device: str) -> dict[str, Callable]:
 
 
 def plain_matmuls(shapes, dtype: torch.dtype, device: str) -> Callable[[], None]:
-    """3 * NS_STEPS matmuls per matrix, of one unblocked iteration's shapes, in dtype."""
+    """3 * NS_STEPS matmuls per matrix, in dtype, of one unblocked iteration's shapes
+    (X X^T, A A, B X for X of (min, max) of its dims), each matrix with operands of its own (as
+    many bytes as the iteration touches, not one pair kept in cache)."""
     operands = []
     for rows, cols in shapes:
         m, n = min(rows, cols), max(rows, cols)
-        x = torch.randn(m, n, device=device).to(dtype)
-        a = torch.randn(m, m, device=device).to(dtype)
-        operands.append((x, a))
+        operands.append((torch.randn(m, n, device=device).to(dtype),
+                         torch.randn(m, m, device=device).to(dtype)))
 
     def run() -> None:
         for x, a in operands:
@@ -85,7 +86,12 @@ def fusedopt_newton_schulz(shapes, dtype: torch.dtype, device: str) -> Callable[
     by_shape: dict[tuple[int, int], int] = {}
     for shape in shapes:
         by_shape[shape] = by_shape.get(shape, 0) + 1
-    stacks = [torch.randn((count, *shape), device=device) for shape, count in by_shape.items()]
+    stacks = []
+    for (rows, cols), count in by_shape.items():  # stacked as Muon.step stacks them
+        per_stack = count if device != "cpu" else max(
+            1, functional._MUON_STACK_BYTES // (rows * cols * 4))
+        for start in range(0, count, per_stack):
+            stacks.append(torch.randn((min(per_stack, count - start), rows, cols), device=device))
 
     def run() -> None:
         for stack in stacks:

@@ -224,3 +224,36 @@ def test_gpu_compiled_model_with_norms_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(64, 16, device="cuda")
     torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+MUON_SHAPES = [(5, 7), (13, 3), (64, 64), (300, 1000), (1000, 300), (2, 3, 3, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_muon_matches_torch_muon(dtype):
+    """fusedopt.Muon's Triton path (symmetric NS kernels, elementwise stages on the shared
+    driver) against torch.optim.Muon's bf16 step on CUDA, 2-D params; the 4-D conv kernel against
+    fusedopt's own reference."""
+    from fusedopt.optim.muon import adjusted_lr
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=generator).to(dtype))
+              for s in MUON_SHAPES]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    matrices = [(p, t) for p, t in zip(params, twins) if p.ndim == 2]
+    ours = fusedopt.Muon(params, lr=0.02, backend="triton")
+    theirs = torch.optim.Muon([t for _, t in matrices], lr=0.02)
+    reference = fusedopt.Muon([t for t in twins if t.ndim != 2], lr=0.02, backend="reference",
+                              ns_dtype=torch.bfloat16)
+    for _ in range(4):
+        for p, t in zip(params, twins):
+            grad = (torch.randn(p.shape, device="cuda", generator=generator) + 0.1).to(dtype)
+            p.grad, t.grad = grad, grad.clone()
+        ours.step()
+        theirs.step()
+        reference.step()
+    for p, t in zip(params, twins):
+        tolerance = 0.1 * 1.5 * 4 * adjusted_lr(0.02, None, p.shape)
+        if dtype == torch.bfloat16:
+            tolerance += 4 * 2**-8 * t.detach().abs().max().item()
+        assert (p.detach().double() - t.detach().double()).abs().max().item() <= tolerance

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(torch_muon is None, reason="this torch has no to
 
 BACKENDS = cpu_backend_params()
 QUINTIC = NS_SCHEDULES["quintic"] * 5
-# Wide, tall, square, one row, and one past the C++ blocking threshold (m >= 256).
+# Wide, tall, square, one row, odd sizes.
 SHAPES = [(5, 7), (13, 3), (16, 16), (1, 9), (33, 20)]
 STEPS = 4
 
@@ -117,7 +117,10 @@ def ns_fp64(x: torch.Tensor, coefficients) -> torch.Tensor:
     return torch.stack(out)
 
 
-NS_SHAPES = [(1, 5, 7), (3, 17, 40), (2, 40, 17), (1, 300, 300), (2, 260, 600), (1, 1, 9)]
+# Odd sizes, wide and tall, batches; the last two large enough that the C++ iteration splits its
+# symmetric products (an odd row count: halves of 256 and 257 rows).
+NS_SHAPES = [(1, 5, 7), (3, 17, 40), (2, 40, 17), (1, 300, 300), (2, 260, 600), (1, 1, 9),
+             (1, 513, 520), (1, 700, 460)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

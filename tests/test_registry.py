@@ -33,6 +33,19 @@ def tiny_step(algorithm: str, dtype: torch.dtype, backend: str) -> None:
     elif algorithm == "sgd":
         functional.sgd(*tensors(3), lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
                        nesterov=False, maximize=False, is_first_step=False, backend=backend)
+    elif algorithm == "muon_momentum":
+        functional.muon_momentum(*tensors(3), momentum=0.95, nesterov=True, backend=backend)
+    elif algorithm == "muon_update":
+        functional.muon_update(*tensors(2), lr=1e-3, weight_decay=0.1, adjusted_lr=1e-3,
+                               backend=backend)
+    elif algorithm == "newton_schulz":  # dtype: the one it computes in
+        x = torch.randn(2, 5, 7)
+        out = functional.newton_schulz(x, ((3.4445, -4.775, 2.0315),) * 5, 1e-7, dtype,
+                                       backend=backend)
+        expected = functional.newton_schulz(x.double(), ((3.4445, -4.775, 2.0315),) * 5, 1e-7,
+                                            torch.float64, backend="reference")
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), expected, atol=0.1, rtol=0)
     else:
         x = torch.randn(3, 37).to(dtype)
         torch.testing.assert_close(
