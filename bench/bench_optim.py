@@ -1,6 +1,7 @@
 """One optimizer step, fusedopt against its peers, all in one run on the same inputs.
 
-Optimizers: AdamW, Lion, SGD with momentum (--optimizers). Workloads: "large" (25M params in 34
+Optimizers: AdamW, Lion, SGD with momentum (--optimizers; "muon" adds bench/bench_muon.py's
+Muon workloads and table to the same report). Workloads: "large" (25M params in 34
 tensors: 16 x 1024x1024, 16 x 1024, 2 x 4096x1024) and "tiny" (2,000 tensors of 128..1151
 params). Providers on CPU: fusedopt's C++ kernels; torch.optim's fused=True, foreach and for-loop;
 DeepSpeed's CPU Adam, lion-pytorch, optimi and pytorch-optimizer when installed. On CUDA: fusedopt's
@@ -237,15 +238,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
-                        choices=list(OPTIMIZERS))
+                        choices=[*OPTIMIZERS, "muon"],
+                        help="muon: bench/bench_muon.py's workloads, in the same report")
     parser.add_argument("--workloads", nargs="+", default=["large", "tiny"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=None, help="results file stem (default: optim-DEVICE)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is visible")
-    report = run(args.device, args.optimizers, args.workloads, args.rounds)
-    _report.write(args.out or f"optim-{args.device}", report, markdown(report))
+    elementwise = [name for name in args.optimizers if name != "muon"]
+    report = run(args.device, elementwise, args.workloads, args.rounds)
+    text = markdown(report)
+    if "muon" in args.optimizers:  # matmul-bound: its own workloads and table
+        import bench_muon
+
+        muon = bench_muon.run(args.device, ["1024", "transformer"], args.rounds)
+        report["results"].update(muon["results"])
+        text += "\n" + bench_muon.markdown(muon, with_header=False)
+    _report.write(args.out or f"optim-{args.device}", report, text)
 
 
 if __name__ == "__main__":
