@@ -40,7 +40,17 @@ CASES = [
     pytest.param({"momentum": 0.3}, id="small_momentum"),  # the other lerp formula
     pytest.param({"adjust_lr_fn": "match_rms_adamw", "lr": 0.01}, id="match_rms_adamw"),
     pytest.param({"adjust_lr_fn": "original"}, id="original"),
+    pytest.param({"adjust_lr_fn": "spectral_unclamped", "lr": 0.01}, id="spectral_unclamped"),
 ]
+
+
+def torch_takes(kwargs: dict) -> bool:
+    """Whether this torch's Muon accepts kwargs (torch 2.13 lacks "spectral_unclamped")."""
+    try:
+        torch_muon([torch.zeros(2, 2, requires_grad=True)], **copy.deepcopy(kwargs))
+    except ValueError:
+        return False
+    return True
 
 
 def on(backend: str) -> dict:
@@ -80,6 +90,8 @@ def bf16_ns_tolerance(kwargs: dict, shape, steps: int) -> float:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kwargs", CASES)
 def test_matches_torch_muon_over_several_steps(kwargs, backend):
+    if not torch_takes(kwargs):
+        pytest.skip(f"torch {torch.__version__}'s Muon does not take {kwargs}")
     ours = make_params(SHAPES)
     theirs = make_params(SHAPES)
     ours_opt = run(fusedopt.Muon, ours, **on(backend), **copy.deepcopy(kwargs))
@@ -188,8 +200,10 @@ def test_conv_kernel_takes_exactly_the_update_of_its_flattened_matrix(backend):
     assert torch.equal(conv.detach().reshape(6, 27), flat.detach())
     assert torch.equal(conv_opt.state[conv]["momentum_buffer"].reshape(6, 27),
                        flat_opt.state[flat]["momentum_buffer"])
-    # The shape factor is that of the (6, 27) matrix: sqrt(max(1, 6 / 27)) = 1, not 6 / 3.
+    # The shape factor is that of the (6, 27) matrix: sqrt(max(1, 6 / 27)) = 1, not sqrt(6 / 3).
     assert adjusted_lr(1.0, None, conv.shape) == adjusted_lr(1.0, None, flat.shape) == 1.0
+    assert adjusted_lr(1.0, "spectral_unclamped", conv.shape) == math.sqrt(6 / 27)
+    assert adjusted_lr(1.0, "match_rms_adamw", conv.shape) == 0.2 * math.sqrt(27)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -437,3 +451,22 @@ def test_reference_muon_is_torch_muon_math():
     torch_muon([q], lr=0.01).step()
     assert (p - q).abs().max().item() <= bf16_ns_tolerance({"lr": 0.01}, p.shape, 1)
     assert math.isfinite(p.sum().item())
+
+
+def test_compiled_step_equals_eager():
+    """torch.compile(optimizer.step), as torch's tutorial compiles a step: the eager numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    twin = copy.deepcopy(model)
+    compiled = fusedopt.Muon(model.parameters(), lr=0.02)
+    eager = fusedopt.Muon(twin.parameters(), lr=0.02)
+    step = torch.compile(compiled.step)
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        for m in (model, twin):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        step()
+        eager.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
