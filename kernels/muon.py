@@ -11,6 +11,8 @@ orthogonalized update. Math in fp32 registers whatever the storage dtype.
 
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -92,6 +94,4 @@ def muon_update(params: list[Tensor], orthogonalized: list[Tensor], *, lr: float
 
 def _fp32(value: float) -> float:
     """value rounded to fp32, as a kernel receives a float argument."""
-    import struct
-
     return struct.unpack("f", struct.pack("f", value))[0]

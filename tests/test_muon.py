@@ -309,6 +309,10 @@ def test_torch_errors(backend):
     bias = torch.rand(3, requires_grad=True)
     with pytest.raises(ValueError, match="2 or more dimensions"):
         fusedopt.Muon([{"params": [bias], "use_muon": True}])
+    optimizer = fusedopt.Muon([param])
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        optimizer.add_param_group({"params": [bias], "use_muon": True})
+    assert len(optimizer.param_groups) == 1  # the bad group was not kept
 
 
 class TinyTransformer(nn.Module):

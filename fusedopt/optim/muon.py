@@ -184,15 +184,18 @@ class Muon(FusedOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        error = None
         if group["use_muon"] not in (None, True, False):
-            raise ValueError(f"use_muon must be None, True or False, got {group['use_muon']!r}")
-        if group["use_muon"]:
-            for p in group["params"]:
-                if p.ndim < 2:
-                    raise ValueError(
-                        "Muon orthogonalizes parameters of 2 or more dimensions, but a group "
-                        f"with use_muon=True has a parameter with size: {p.size()} (leave "
-                        "use_muon unset, or False, to step it with AdamW)")
+            error = f"use_muon must be None, True or False, got {group['use_muon']!r}"
+        elif group["use_muon"]:
+            sizes = [p.size() for p in group["params"] if p.ndim < 2]
+            if sizes:
+                error = ("Muon orthogonalizes parameters of 2 or more dimensions, but a group "
+                         f"with use_muon=True has a parameter with size: {sizes[0]} (leave "
+                         "use_muon unset, or False, to step it with AdamW)")
+        if error:
+            self.param_groups.pop()  # the optimizer stays as it was
+            raise ValueError(error)
 
     @staticmethod
     def _orthogonalized(group: dict[str, Any], p: Tensor) -> bool:
