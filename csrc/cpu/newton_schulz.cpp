@@ -82,7 +82,7 @@ at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> coefficie
   const at::Tensor gram_update = at::empty({m, m}, normalized.options());
   // Iteration s writes X into buffers[s % 2], from normalized[i] or the other buffer.
   at::Tensor buffers[2] = {at::empty({m, n}, normalized.options()),
-                                 at::empty({m, n}, normalized.options())};
+                          at::empty({m, n}, normalized.options())};
   for (int64_t i = 0; i < batch; ++i) {
     for (size_t s = 0; s < steps; ++s) {
       const double a = coefficients[3 * s], b = coefficients[3 * s + 1],
