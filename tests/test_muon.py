@@ -167,8 +167,9 @@ def test_singular_values_lie_in_the_band_of_the_coefficients(backend):
     """NS maps each singular value s of X / ||X||_F through the scalar polynomial; for inputs
     with s in [lo, hi], the output's lie in the band that map takes [lo, hi] to."""
     n, rows = 24, 16
-    q1, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64))
-    q2, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    generator = torch.Generator().manual_seed(7)
+    q1, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64, generator=generator))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
     s = torch.linspace(1.0, 10.0, rows, dtype=torch.float64)
     x = (q1 @ torch.diag(s) @ q2[:rows]).unsqueeze(0)
     normalized = s / s.norm()
@@ -178,12 +179,13 @@ def test_singular_values_lie_in_the_band_of_the_coefficients(backend):
     dtype = torch.float32 if backend == "triton" else torch.bfloat16
     out = functional.newton_schulz(x.float(), QUINTIC, 1e-7, dtype, backend=backend)
     sv = torch.linalg.svdvals(out[0].double())
-    slack = 0.02 if dtype == torch.bfloat16 else 1e-4
+    # bf16 rounding moves them: by at most 0.041 over 40 random orthogonal factors (measured).
+    slack = 0.06 if dtype == torch.bfloat16 else 1e-4
     assert band.min().item() - slack <= sv.min().item()
     assert sv.max().item() <= band.max().item() + slack
     # and each singular value is its own image under the map
     torch.testing.assert_close(sv.sort().values, quintic_map(normalized).sort().values,
-                               atol=slack * 2, rtol=0)
+                               atol=slack, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -431,6 +433,7 @@ def test_other_param_dtypes(dtype):
 
 
 def test_zero_size_and_strided_params():
+    torch.manual_seed(0)
     params = [torch.zeros(0, 5, requires_grad=True),
               torch.randn(7, 4).T.contiguous().T.requires_grad_()]  # a transposed layout
     assert not params[1].is_contiguous()
