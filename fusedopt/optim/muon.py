@@ -286,11 +286,21 @@ def _sharded_muon(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
         DTensor.from_local(u, p.device_mesh, p.placements, shape=shape, stride=p.stride())
         .full_tensor().reshape(shape[0], -1) for u, p in zip(updates, params)])
     orthogonalized = functional.newton_schulz(full, coefficients, eps, ns_dtype, backend=backend)
-    # src_data_rank=None: every rank holds the whole result, so each keeps its shard, unsent.
-    shards = [distribute_tensor(o.view(shape), p.device_mesh, p.placements, src_data_rank=None)
-              .to_local().contiguous() for o, p in zip(orthogonalized.unbind(0), params)]
+    shards = [_own_shard(distribute_tensor, o.view(shape), p)
+              for o, p in zip(orthogonalized.unbind(0), params)]
     functional.muon_update([p.to_local() for p in params], shards, lr=lr,
                            weight_decay=weight_decay, adjusted_lr=adjusted_lr, backend=backend)
+
+
+def _own_shard(distribute_tensor, full: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of `full`, laid out as DTensor `like`. Every rank holds the same full
+    result, so src_data_rank=None keeps each shard where it is, unsent (a torch without that
+    argument scatters rank 0's copy instead: the same values)."""
+    try:
+        shard = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:
+        shard = distribute_tensor(full, like.device_mesh, like.placements)
+    return shard.to_local().contiguous()
 
 
 def muon_param_groups(
