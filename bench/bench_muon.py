@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import _report
 import torch
+from bench_optim import timer
 
 import fusedopt
 from fusedopt import functional
@@ -88,8 +89,7 @@ def fusedopt_newton_schulz(shapes, dtype: torch.dtype, device: str) -> Callable[
         by_shape[shape] = by_shape.get(shape, 0) + 1
     stacks = []
     for (rows, cols), count in by_shape.items():  # stacked as Muon.step stacks them
-        per_stack = count if device != "cpu" else max(
-            1, functional._MUON_STACK_BYTES // (rows * cols * 4))
+        per_stack = functional.muon_stack_size(count, rows * cols * 4, torch.device(device))
         for start in range(0, count, per_stack):
             stacks.append(torch.randn((min(per_stack, count - start), rows, cols), device=device))
 
@@ -102,12 +102,6 @@ def fusedopt_newton_schulz(shapes, dtype: torch.dtype, device: str) -> Callable[
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def timer(device: str) -> Callable[[Callable[[], None], int], float]:
-    import bench_optim
-
-    return bench_optim.timer(device)
 
 
 def measure_workload(device: str, workload: str, rounds: int) -> dict[str, object]:

@@ -95,7 +95,7 @@ def _op_caller(op: str) -> Callable:
 
 
 def _extension_op(op: str, backend: str, dispatch_key: str, dtypes,
-                  run: Callable | None = None) -> Implementation:
+                  run: Callable | None = None, contiguous_only: bool = False) -> Implementation:
     """A C++ (dispatch_key CPU) or CUDA C++ op of fusedopt._C, called through `run` if given."""
     device = dispatch_key.lower()
     if _ops.LOAD_ERROR:
@@ -107,7 +107,7 @@ def _extension_op(op: str, backend: str, dispatch_key: str, dtypes,
         why = "no CUDA GPU is visible"
     else:
         return Implementation(backend, run or _op_caller(op), (device,), dtypes, True,
-                              f"C++ kernels on {device} tensors")
+                              f"C++ kernels on {device} tensors", contiguous_only)
     return Implementation(backend, None, (device,), dtypes, False, why)
 
 
@@ -194,7 +194,9 @@ REGISTRY: dict[str, dict[str, Implementation]] = {
                                             run=_newton_schulz_op),
                               _reference(reference.newton_schulz)),
     "muon_update": _entries(_triton_optimizer("muon_update"),
-                            _extension_op("muon_update_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
+                            # (it streams params flat, with no copy-back path)
+                            _extension_op("muon_update_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES,
+                                          contiguous_only=True),
                             _reference(reference.muon_update)),
     # LayerNorm and RMSNorm: one op (norm_fwd / norm_bwd) switched by `rms`. Its CUDA kernels are
     # Triton's; there is no CUDA C++ norm.

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from fusedopt import _registry, reference
+from fusedopt import _registry
 
 
 def _on(device: torch.device, t: Tensor | None) -> Tensor | None:
@@ -37,15 +37,17 @@ def _step(algorithm: str, lists: tuple[list[Tensor], ...], backend: str, **kwarg
         return
     device = lists[0][0].device
     impl = _registry.resolve(algorithm, backend, device, lists[0][0].dtype)
-    if isinstance(kwargs["lr"], Tensor):
+    if isinstance(kwargs.get("lr"), Tensor):
         kwargs["lr"] = _on(device, kwargs["lr"])  # in its own dtype: an fp64 lr stays exact
-    kwargs["grad_scale"] = _on(device, kwargs.get("grad_scale"))
-    kwargs["found_inf"] = _on(device, kwargs.get("found_inf"))
-    if impl.contiguous_only:  # Triton streams flat arrays; the rare strided rest: the reference
+    for amp_key in ("grad_scale", "found_inf"):
+        if amp_key in kwargs:
+            kwargs[amp_key] = _on(device, kwargs[amp_key])
+    if impl.contiguous_only:  # flat-array kernels; the rare strided rest: the reference
         lists, strided = _split_contiguous(lists)
         if strided[0]:
             _registry.REGISTRY[algorithm]["reference"].run(*strided, **kwargs)
-    impl.run(*lists, **kwargs)
+    if lists[0]:
+        impl.run(*lists, **kwargs)
 
 
 def adam(
@@ -137,17 +139,8 @@ def muon_momentum(
 ) -> None:
     """Muon's momentum step, in place; see reference.muon_momentum. updates (written only) are
     shaped and typed like the grads."""
-    if not grads:
-        return
-    impl = _registry.resolve("muon_momentum", backend, grads[0].device, grads[0].dtype)
-    if impl.contiguous_only:  # (the C++ op streams strided tensors through copies)
-        lists, strided = _split_contiguous((grads, momentum_buffers, updates))
-        if strided[0]:
-            reference.muon_momentum(strided[2], strided[0], strided[1], momentum=momentum,
-                                    nesterov=nesterov)
-        grads, momentum_buffers, updates = lists
-    if grads:
-        impl.run(updates, grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
+    _step("muon_momentum", (updates, grads, momentum_buffers), backend, momentum=momentum,
+          nesterov=nesterov)
 
 
 def newton_schulz(
@@ -175,18 +168,8 @@ def muon_update(
 ) -> None:
     """Muon's weight decay and update, in place; see reference.muon_update. orthogonalized[i] is
     contiguous and shaped like params[i]."""
-    if not params:
-        return
-    impl = _registry.resolve("muon_update", backend, params[0].device, params[0].dtype)
-    if impl.backend != "reference":  # the kernels stream flat params
-        lists, strided = _split_contiguous((params, orthogonalized))
-        if strided[0]:
-            reference.muon_update(*strided, lr=lr, weight_decay=weight_decay,
-                                  adjusted_lr=adjusted_lr)
-        params, orthogonalized = lists
-    if params:
-        impl.run(params, orthogonalized, lr=lr, weight_decay=weight_decay,
-                 adjusted_lr=adjusted_lr)
+    _step("muon_update", (params, orthogonalized), backend, lr=lr, weight_decay=weight_decay,
+          adjusted_lr=adjusted_lr)
 
 
 def muon(
@@ -212,12 +195,8 @@ def muon(
     shape = params[0].shape
     rows = shape[0]
     cols = params[0].numel() // max(rows, 1)
-    # On CPUs the batch is cut into stacks of at most _MUON_STACK_BYTES: buffers that size are
-    # reused by the allocator from step to step, where larger ones (and the op's temporaries of
-    # their size) are mapped afresh and page-faulted in on every step.
-    per_stack = len(params)
-    if params[0].device.type == "cpu":
-        per_stack = max(1, _MUON_STACK_BYTES // max(1, rows * cols * grads[0].element_size()))
+    per_stack = muon_stack_size(len(params), rows * cols * grads[0].element_size(),
+                                params[0].device)
     for start in range(0, len(params), per_stack):
         chunk = slice(start, start + per_stack)
         stack = torch.empty((len(params[chunk]), rows, cols), dtype=grads[0].dtype,
@@ -232,6 +211,16 @@ def muon(
 
 # Below glibc's largest dynamic mmap threshold (32 MiB), so that freed stacks stay in its heap.
 _MUON_STACK_BYTES = 8 << 20
+
+
+def muon_stack_size(count: int, matrix_bytes: int, device: torch.device) -> int:
+    """How many of `count` updates of matrix_bytes each muon() stacks into one Newton-Schulz call.
+    On CPUs, stacks of at most _MUON_STACK_BYTES: buffers that size are reused by the allocator
+    from step to step, where larger ones (and the op's temporaries of their size) are mapped
+    afresh and page-faulted in on every step. Elsewhere, all of them."""
+    if device.type != "cpu":
+        return count
+    return max(1, _MUON_STACK_BYTES // max(1, matrix_bytes))
 
 
 def _norm(

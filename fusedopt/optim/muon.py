@@ -245,8 +245,7 @@ class Muon(FusedOptimizer):
         lr = to_float(group["lr"])
         schedule = ns_schedule(group["ns_coefficients"], group["ns_steps"])
         for (device, dtype, shape, distributed), (params, grads, bufs) in batches.items():
-            ns_dtype = group["ns_dtype"] or default_ns_dtype(
-                params[0].to_local().device if distributed else device, dtype)
+            ns_dtype = group["ns_dtype"] or default_ns_dtype(device, dtype)  # (a DTensor's: local)
             kwargs = dict(lr=lr, weight_decay=group["weight_decay"], momentum=group["momentum"],
                           nesterov=group["nesterov"], coefficients=schedule, eps=group["eps"],
                           adjusted_lr=adjusted_lr(lr, group["adjust_lr_fn"], shape),
