@@ -217,10 +217,14 @@ def muon_stack_size(count: int, matrix_bytes: int, device: torch.device) -> int:
     """How many of `count` updates of matrix_bytes each muon() stacks into one Newton-Schulz call.
     On CPUs, stacks of at most _MUON_STACK_BYTES: buffers that size are reused by the allocator
     from step to step, where larger ones (and the op's temporaries of their size) are mapped
-    afresh and page-faulted in on every step. Elsewhere, all of them."""
+    afresh and page-faulted in on every step; and a multiple of the thread count where that
+    leaves more than one, since the CPU op runs whole matrices per thread and the remainder one at
+    a time on all threads. Elsewhere, all of them."""
     if device.type != "cpu":
         return count
-    return max(1, _MUON_STACK_BYTES // max(1, matrix_bytes))
+    fit = max(1, _MUON_STACK_BYTES // max(1, matrix_bytes))
+    threads = torch.get_num_threads()
+    return fit // threads * threads if fit >= threads else fit
 
 
 def _norm(

@@ -129,10 +129,12 @@ def ns_fp64(x: torch.Tensor, coefficients) -> torch.Tensor:
     return torch.stack(out)
 
 
-# Odd sizes, wide and tall, batches; the last two large enough that the C++ iteration splits its
-# symmetric products (an odd row count: halves of 256 and 257 rows).
+# Odd sizes, wide and tall, batches; the last three large enough that the C++ iteration splits
+# its symmetric products (an odd row count: halves of 256 and 257 rows). On a multi-core CPU the
+# batches run whole matrices per thread (splitting at smaller sizes there: (2, 260, 600) and the
+# odd-rowed (3, 301, 560), whose third matrix runs alone on all threads).
 NS_SHAPES = [(1, 5, 7), (3, 17, 40), (2, 40, 17), (1, 300, 300), (2, 260, 600), (1, 1, 9),
-             (1, 513, 520), (1, 700, 460)]
+             (3, 301, 560), (1, 513, 520), (1, 700, 460)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,8 +152,9 @@ def test_newton_schulz_matches_fp64(shape, dtype, backend):
     got = functional.newton_schulz(x, QUINTIC, 1e-7, dtype, backend=backend)
     assert got.dtype == dtype and got.shape == x.shape
     # Entries of an orthogonal factor are O(1 / sqrt(cols)); the error is a dtype's rounding,
-    # grown over 15 products (bf16: a few percent of the largest entry).
-    atol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 0.05}[dtype]
+    # grown over 15 products (bf16: a few percent of the largest entry; at most 5.2% measured, the
+    # reference's at 3x301x560).
+    atol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 0.06}[dtype]
     scale = expected.abs().max().item()
     assert (got.double() - expected).abs().max().item() <= atol * scale
 

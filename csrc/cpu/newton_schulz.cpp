@@ -7,18 +7,43 @@
 // (3/4 of the multiply-adds); the third product, a X + B X, is one GEMM. The GEMMs are ATen's
 // (oneDNN for bf16, MKL for fp32), in the requested dtype with fp32 accumulation.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 
 namespace fusedopt::cpu {
 namespace {
 
 // Whether a symmetric product left @ left^T (left: m x k) is split: small GEMMs run below peak.
+// one_thread: the product runs on one thread of a parallel region (see newton_schulz_cpu).
 // On a 2-core AMD EPYC (avx512_bf16; oneDNN bf16 GEMMs at ~350 GFLOPS) the split below took
 // 1024 x 1024 x 1024 from 5.37 to 4.44 ms, 384 x 1536 x 384 from 1.13 to 1.00 and 512^3 from
 // 0.69 to 0.64, but 384^3 from 0.32 to 0.34 and 256^3 from 0.12 to 0.18. So it is split when the
-// top half's GEMM keeps at least 2^26 multiply-adds.
-bool split_symmetric(int64_t m, int64_t k) { return (m / 2) * m * k >= (int64_t{1} << 26); }
+// top half's GEMM keeps at least 2^26 multiply-adds. On one core, where small GEMMs keep their
+// speed (384^3 at 196 GFLOPS, 192 x 384 x 384 at 185), 384^3 split went from 0.58 to 0.47 ms: 2^24.
+bool split_symmetric(int64_t m, int64_t k, bool one_thread) {
+  return (m / 2) * m * k >= (int64_t{1} << (one_thread ? 24 : 26));
+}
+
+// Writes block (rows x cols, row stride ld) of `data` at (row, col) as the transpose of the block
+// at (col, row): the mirror half of a symmetric matrix. ATen's strided copy_ ran this at ~2 GB/s;
+// square tiles keep both sides in cache lines.
+template <typename T>
+void mirror(T* data, int64_t ld, int64_t row, int64_t col, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      for (int64_t i = i0; i < std::min(i0 + kTile, rows); ++i) {
+        for (int64_t j = j0; j < std::min(j0 + kTile, cols); ++j) {
+          data[(row + i) * ld + col + j] = data[(col + j) * ld + row + i];
+        }
+      }
+    }
+  }
+}
 
 // out = alpha * left @ left^T + beta * c (c undefined: no term), for one matrix left (m, k) and
 // out, c (m, m). Split, it is two GEMMs: the top h rows whole, and the bottom-right block; the
@@ -35,7 +60,7 @@ void symmetric_product(const at::Tensor& left, const at::Tensor& out, const at::
       at::mm_out(result, rows, cols.t());
     }
   };
-  if (!split_symmetric(m, left.size(1))) {
+  if (!split_symmetric(m, left.size(1), at::in_parallel_region())) {
     product(out, left, left, c);
     return;
   }
@@ -47,7 +72,44 @@ void symmetric_product(const at::Tensor& left, const at::Tensor& out, const at::
   product(top(out), top(left), left, c.defined() ? top(c) : c);
   product(bottom_right(out), left.narrow(0, h, m - h), left.narrow(0, h, m - h),
           c.defined() ? bottom_right(c) : c);
-  out.narrow(0, h, m - h).narrow(1, 0, h).copy_(out.narrow(0, 0, h).narrow(1, h, m - h).t());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "fusedopt_mirror", [&] {
+    mirror(out.data_ptr<scalar_t>(), out.stride(0), h, 0, m - h, h);
+  });
+}
+
+// The buffers of one matrix's iteration: the Gram matrix, b A + c A A, and X twice (iteration s
+// writes buffers[s % 2] from the other one).
+struct Workspace {
+  explicit Workspace(const at::Tensor& normalized) {
+    const int64_t m = normalized.size(1), n = normalized.size(2);
+    gram = at::empty({m, m}, normalized.options());
+    gram_update = at::empty({m, m}, normalized.options());
+    buffers[0] = at::empty({m, n}, normalized.options());
+    buffers[1] = at::empty({m, n}, normalized.options());
+  }
+  at::Tensor gram, gram_update, buffers[2];
+};
+
+// The iteration of one normalized matrix (rows <= cols), its result written into out (the
+// matrix's own layout: transposed back when it was tall).
+void iterate(const at::Tensor& normalized, at::Tensor out, bool transposed,
+             at::ArrayRef<double> coefficients, Workspace& w) {
+  const size_t steps = coefficients.size() / 3;
+  for (size_t s = 0; s < steps; ++s) {
+    const double a = coefficients[3 * s], b = coefficients[3 * s + 1], c = coefficients[3 * s + 2];
+    const at::Tensor ortho = s == 0 ? normalized : w.buffers[(s - 1) % 2];
+    symmetric_product(ortho, w.gram, at::Tensor(), 0.0, 1.0);
+    symmetric_product(w.gram, w.gram_update, w.gram, b, c);  // gram @ gram = gram @ gram^T
+    if (s + 1 < steps) {
+      at::addmm_out(w.buffers[s % 2], ortho, w.gram_update, ortho, a, 1.0);
+    } else if (transposed) {
+      // The last product straight into the result in its layout; a tall one as
+      // X^T = a X^T + X^T B (B is symmetric), so that it needs no transposing copy.
+      at::addmm_out(out, ortho.t(), ortho.t(), w.gram_update, a, 1.0);
+    } else {
+      at::addmm_out(out, ortho, w.gram_update, ortho, a, 1.0);
+    }
+  }
 }
 
 at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> coefficients, double eps,
@@ -76,29 +138,27 @@ at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> coefficie
 
   // Matrix by matrix, with 2-D GEMMs (at these sizes ATen's CPU bmm ran up to ~1.8x slower than
   // mm per matrix), each writing into preallocated buffers.
-  const int64_t batch = x.size(0), m = normalized.size(1), n = normalized.size(2);
+  const int64_t batch = x.size(0);
   at::Tensor result = at::empty(x.sizes(), normalized.options());
-  const at::Tensor gram = at::empty({m, m}, normalized.options());
-  const at::Tensor gram_update = at::empty({m, m}, normalized.options());
-  // Iteration s writes X into buffers[s % 2], from normalized[i] or the other buffer.
-  at::Tensor buffers[2] = {at::empty({m, n}, normalized.options()),
-                          at::empty({m, n}, normalized.options())};
-  for (int64_t i = 0; i < batch; ++i) {
-    for (size_t s = 0; s < steps; ++s) {
-      const double a = coefficients[3 * s], b = coefficients[3 * s + 1],
-                   c = coefficients[3 * s + 2];
-      const at::Tensor ortho = s == 0 ? normalized[i] : buffers[(s - 1) % 2];
-      symmetric_product(ortho, gram, at::Tensor(), 0.0, 1.0);
-      symmetric_product(gram, gram_update, gram, b, c);  // gram @ gram = gram @ gram^T
-      if (s + 1 < steps) {
-        at::addmm_out(buffers[s % 2], ortho, gram_update, ortho, a, 1.0);
-      } else if (at::Tensor out = result[i]; transposed) {
-        // The last product straight into the result in its layout; a tall one as
-        // X^T = a X^T + X^T B (B is symmetric), so that it needs no transposing copy.
-        at::addmm_out(out, ortho.t(), ortho.t(), gram_update, a, 1.0);
-      } else {
-        at::addmm_out(out, ortho, gram_update, ortho, a, 1.0);
+  // Whole matrices per thread where the batch allows: a GEMM of a few hundred rows keeps two cores
+  // below their peak, and more so for the halves that the symmetric split leaves (on a 2-core AMD
+  // EPYC, 192 x 384 x 192 ran at 290 GFLOPS on both cores, 178 on one). A remainder smaller than
+  // the thread count runs one matrix at a time on all of them. Inside the parallel region ATen's
+  // GEMMs run on the calling thread.
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = threads > 1 && !at::in_parallel_region() ? batch / threads * threads : 0;
+  if (per_thread > 0) {
+    at::parallel_for(0, per_thread, 1, [&](int64_t begin, int64_t end) {
+      Workspace workspace(normalized);
+      for (int64_t i = begin; i < end; ++i) {
+        iterate(normalized[i], result[i], transposed, coefficients, workspace);
       }
+    });
+  }
+  if (per_thread < batch) {
+    Workspace workspace(normalized);
+    for (int64_t i = per_thread; i < batch; ++i) {
+      iterate(normalized[i], result[i], transposed, coefficients, workspace);
     }
   }
   return result;
