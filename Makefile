@@ -30,12 +30,15 @@ endif
 SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: test demo bench setup build clean
+# The demo's and the benchmarks' own dependencies (plots, progress bars, the regression suite).
+DEMO_DEPS := matplotlib tqdm pytest-benchmark
 
 $(VENV)/.setup-done:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install --quiet "$(TRITON_SPEC)" ninja setuptools wheel pytest numpy expecttest lion-pytorch
+	$(VENV)/bin/pip install --quiet "$(TRITON_SPEC)" ninja setuptools wheel pytest numpy expecttest lion-pytorch \
+		pytest-benchmark
 	touch $@
 
 # An interpreter that brings its own torch: use what it has, install nothing (there may be no network).
@@ -57,6 +60,10 @@ build: $(BUILD_STAMP)
 test: build
 	$(PY) -m pytest tests -q -m "not interpret"
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m interpret
+	@# The benchmark suite, each case run once as a test (it times nothing here).
+	@if $(PY) -c "import pytest_benchmark" 2>/dev/null; then \
+		$(PY) -m pytest bench -q --benchmark-disable; \
+	else echo "pytest-benchmark is not installed here: bench/ not run"; fi
 
 # Peers measured by the benchmark when they install (DeepSpeed's CPU Adam, optimi's and
 # pytorch-optimizer's Lion); best effort, and never with PYTHON= (that interpreter may have no
@@ -71,11 +78,24 @@ build/.bench-peers-external:
 	mkdir -p build && touch $@
 BENCH_STAMP := $(if $(PYTHON),build/.bench-peers-external,$(VENV)/.bench-peers)
 
-# The main job; for now the optimizer benchmark (results land in bench/results/).
-demo: build $(BENCH_STAMP)
-	$(PY) bench/bench_optim.py
+$(VENV)/.demo-deps: $(VENV)/.setup-done
+	$(VENV)/bin/pip install --quiet $(DEMO_DEPS) "$(TORCH_SPEC)"
+	touch $@
+build/.demo-deps-external:
+	mkdir -p build
+	$(PY) -c "import matplotlib, tqdm, pytest_benchmark" || \
+		{ echo "make demo PYTHON=...: that interpreter needs $(DEMO_DEPS)"; exit 1; }
+	touch $@
+DEMO_STAMP := $(if $(PYTHON),build/.demo-deps-external,$(VENV)/.demo-deps)
 
-bench: demo
+# The main job: a small language model trained with each optimizer (bench/demo.py), its table
+# and plots under bench/results/<machine>/.
+demo: build $(DEMO_STAMP)
+	$(PY) bench/demo.py
+
+# Every kernel benchmark (python -m bench): tables and charts under bench/results/<machine>/.
+bench: build $(DEMO_STAMP) $(BENCH_STAMP)
+	$(PY) -m bench
 
 clean:
 	rm -rf build *.egg-info fusedopt/_C*.so

@@ -1,5 +1,5 @@
 """What every benchmark report records and how it is written: the machine, the versions, the commit,
-the date and the command, then JSON + Markdown under bench/results/."""
+the date and the command, then JSON + Markdown (and charts) under bench/results/<machine>/."""
 
 from __future__ import annotations
 
@@ -65,6 +65,22 @@ def machine(device: str) -> dict[str, object]:
     }
 
 
+def machine_slug(device: str) -> str:
+    """The folder name of this machine's results: e.g. amd-epyc-2c-avx512_bf16, nvidia-h200."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name().lower().replace("nvidia ", "nvidia-")
+    else:
+        flags = _cpu_flags()
+        widest = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags),
+                      "generic")
+        name = f"{_cpu_model()} {os.cpu_count()}c {widest}".lower()
+    return "-".join("".join(c if c.isalnum() or c == "_" else " " for c in name).split())
+
+
+def results_dir(device: str) -> Path:
+    return RESULTS / machine_slug(device)
+
+
 def header(m: dict[str, object]) -> list[str]:
     """The Markdown lines that open every report."""
     return [f"Machine: {m['device']}; torch {m['torch']}, triton {m['triton']}, "
@@ -72,10 +88,36 @@ def header(m: dict[str, object]) -> list[str]:
             f"Command: `{m['command']}`", ""]
 
 
-def write(stem: str, report: dict[str, object], table: str) -> None:
-    """Prints the table and writes bench/results/STEM.json and STEM.md."""
+def write(stem: str | Path, report: dict[str, object], table: str) -> None:
+    """Prints the table and writes STEM.json and STEM.md (a relative stem: under bench/results/)."""
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
-    print(f"wrote {RESULTS / stem}.json and .md")
+    stem = RESULTS / stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_name(stem.name + ".md").write_text(table + "\n")
+    print(f"wrote {stem}.json and .md")
+
+
+def ratio_chart(path: Path, title: str, bars: list[tuple[str, float, bool]], baseline: str) -> Path:
+    """A horizontal bar chart of time / baseline's time, one bar per (label, ratio, is_fusedopt);
+    fusedopt's bars coloured, the peers' grey, a line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 0.28 * len(bars) + 1.4))
+    labels = [label for label, _, _ in bars][::-1]
+    ratios = [ratio for _, ratio, _ in bars][::-1]
+    colors = ["C0" if ours else "0.65" for _, _, ours in bars][::-1]
+    drawn = axis.barh(labels, ratios, color=colors)
+    axis.bar_label(drawn, fmt="%.2f", padding=3, fontsize=7)
+    axis.axvline(1.0, color="k", linewidth=0.8)
+    axis.set_xscale("log")
+    axis.set_xlabel(f"time / {baseline} (log scale; < 1 is faster)")
+    axis.tick_params(axis="y", labelsize=7)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -12,7 +12,7 @@ same dtype: what an unblocked, unbatched iteration multiplies.
 
     python bench/bench_muon.py [--device cpu|cuda] [--workloads 1024 transformer] [--rounds 7]
 Also run by bench/bench_optim.py --optimizers muon. Writes a table, JSON and Markdown under
-bench/results/ (muon-DEVICE).
+bench/results/<machine>/.
 """
 
 from __future__ import annotations
@@ -160,14 +160,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--workloads", nargs="+", default=None)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", default=None, help="results file stem (default: muon-DEVICE)")
+    parser.add_argument("--out", default=None,
+                        help="results file stem (default: bench/results/<machine>/muon)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is visible")
     workloads = args.workloads or (["1024", "transformer"] if args.device == "cpu"
                                    else ["1024", "2048", "4096", "8192", "transformer"])
     report = run(args.device, workloads, args.rounds)
-    _report.write(args.out or f"muon-{args.device}", report, markdown(report))
+    stem = args.out or _report.results_dir(args.device) / "muon"
+    _report.write(stem, report, markdown(report))
 
 
 if __name__ == "__main__":

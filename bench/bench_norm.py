@@ -15,7 +15,7 @@ with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRES
 CPU fresh large outputs otherwise cost more than the arithmetic.
 
     python bench/bench_norm.py [--device cpu|cuda] [--dtypes fp32 bf16] [--rounds 5]
-Writes a table to the terminal, and JSON + Markdown under bench/results/.
+Writes a table to the terminal, and JSON + Markdown under bench/results/<machine>/.
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=[f"{r}x{h}" for r, h in SHAPES],
                         help="ROWSxHIDDEN ...")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help="results file stem (default: norm-DEVICE)")
+    parser.add_argument("--out", default=None,
+                        help="results file stem (default: bench/results/<machine>/norm)")
     args = parser.parse_args()
     if args.child:  # one allocator condition, results as JSON on stdout
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
@@ -188,7 +189,8 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"benchmark child failed ({condition}):\n{out.stderr}")
         report["conditions"][condition] = json.loads(out.stdout.strip().splitlines()[-1])
-    _report.write(args.out or f"norm-{args.device}", report, markdown(report))
+    stem = args.out or _report.results_dir(args.device) / "norm"
+    _report.write(stem, report, markdown(report))
 
 
 if __name__ == "__main__":

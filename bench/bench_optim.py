@@ -14,7 +14,7 @@ plus one read, 4 + 8k B/element; on CUDA, torch's in-place add, 12 B/element).
 
     python bench/bench_optim.py [--device cpu|cuda] [--optimizers adamw lion sgd]
                                 [--workloads large tiny] [--rounds 7]
-Writes a table to the terminal, and JSON + Markdown under bench/results/.
+Writes a table to the terminal, and JSON + Markdown under bench/results/<machine>/.
 """
 
 from __future__ import annotations
@@ -242,7 +242,8 @@ def main() -> None:
                         help="muon: bench/bench_muon.py's workloads, in the same report")
     parser.add_argument("--workloads", nargs="+", default=["large", "tiny"])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", default=None, help="results file stem (default: optim-DEVICE)")
+    parser.add_argument("--out", default=None,
+                        help="results file stem (default: bench/results/<machine>/optim)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU is visible")
@@ -255,7 +256,7 @@ def main() -> None:
         muon = bench_muon.run(args.device, ["1024", "transformer"], args.rounds)
         report["results"].update(muon["results"])
         text += "\n" + bench_muon.markdown(muon, with_header=False)
-    _report.write(args.out or f"optim-{args.device}", report, text)
+    _report.write(args.out or _report.results_dir(args.device) / "optim", report, text)
 
 
 if __name__ == "__main__":

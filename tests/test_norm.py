@@ -199,6 +199,29 @@ def test_module_options_match_torch():
         x = torch.randn(4, 5, dtype=next(iter(theirs.state_dict().values()), torch.zeros(1)).dtype)
         torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=2e-5)
 
+@pytest.mark.parametrize("module", ["LayerNorm", "RMSNorm"])
+def test_module_with_residual_is_torch_add_then_norm(module):
+    """norm(x, residual) returns (torch's norm of x + residual, x + residual), gradients too."""
+    generator = torch.Generator().manual_seed(3)
+    ours = getattr(fusedopt, module)(37)
+    theirs = getattr(torch.nn, module)(37)
+    with torch.no_grad():
+        ours.weight.normal_(generator=generator)
+        theirs.weight.copy_(ours.weight)
+    x, residual = (torch.randn(2, 9, 37, generator=generator, requires_grad=True) for _ in "xr")
+    y, stream = ours(x, residual)
+    their_stream = x + residual
+    their_y = theirs(their_stream)
+    torch.testing.assert_close(stream, their_stream)
+    torch.testing.assert_close(y, their_y, atol=2e-5, rtol=2e-5)
+    dy, dstream = torch.randn_like(y), torch.randn_like(y)
+    grads = torch.autograd.grad((y, stream), (x, residual, ours.weight), (dy, dstream))
+    their_grads = torch.autograd.grad((their_y, their_stream), (x, residual, theirs.weight),
+                                      (dy, dstream))
+    for a, b in zip(grads, their_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_shapes_torch_rejects_raise_torch_errors(kind):

@@ -4,8 +4,8 @@
 // Two of each iteration's three products are symmetric: A = X X^T, and b A + c A A (A is
 // symmetric, so A A = A A^T). Where the GEMMs stay large enough to run at full speed, each is
 // computed as its top half of rows and its bottom-right block, the bottom-left block mirrored
-// (3/4 of the multiply-adds); the third product, a X + B X, is one GEMM. The GEMMs are ATen's
-// (oneDNN for bf16, MKL for fp32), in the requested dtype with fp32 accumulation.
+// (3/4 of the multiply-adds); the third product, a X + B X = (B + a I) X, is one GEMM. The GEMMs
+// are ATen's (oneDNN for bf16, MKL for fp32), in the requested dtype with fp32 accumulation.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
@@ -100,14 +100,17 @@ void iterate(const at::Tensor& normalized, at::Tensor out, bool transposed,
     const at::Tensor ortho = s == 0 ? normalized : w.buffers[(s - 1) % 2];
     symmetric_product(ortho, w.gram, at::Tensor(), 0.0, 1.0);
     symmetric_product(w.gram, w.gram_update, w.gram, b, c);  // gram @ gram = gram @ gram^T
+    // a X + B X = (B + a I) X: one GEMM with no added term (addmm's term costs a pass, and a
+    // strided one for a tall matrix).
+    w.gram_update.diagonal().add_(a);
     if (s + 1 < steps) {
-      at::addmm_out(w.buffers[s % 2], ortho, w.gram_update, ortho, a, 1.0);
+      at::mm_out(w.buffers[s % 2], w.gram_update, ortho);
     } else if (transposed) {
       // The last product straight into the result in its layout; a tall one as
-      // X^T = a X^T + X^T B (B is symmetric), so that it needs no transposing copy.
-      at::addmm_out(out, ortho.t(), ortho.t(), w.gram_update, a, 1.0);
+      // X^T (B + a I) (B is symmetric), so that it needs no transposing copy.
+      at::mm_out(out, ortho.t(), w.gram_update);
     } else {
-      at::addmm_out(out, ortho, w.gram_update, ortho, a, 1.0);
+      at::mm_out(out, w.gram_update, ortho);
     }
   }
 }
@@ -146,7 +149,8 @@ at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> coefficie
   // the thread count runs one matrix at a time on all of them. Inside the parallel region ATen's
   // GEMMs run on the calling thread.
   const int64_t threads = at::get_num_threads();
-  const int64_t per_thread = threads > 1 && !at::in_parallel_region() ? batch / threads * threads : 0;
+  const int64_t per_thread =
+      threads > 1 && !at::in_parallel_region() ? batch / threads * threads : 0;
   if (per_thread > 0) {
     at::parallel_for(0, per_thread, 1, [&](int64_t begin, int64_t end) {
       Workspace workspace(normalized);

@@ -1,5 +1,9 @@
 """fusedopt.LayerNorm and fusedopt.RMSNorm: torch.nn's modules (same constructor, parameters,
-init and state_dict keys, so a torch checkpoint loads unchanged) with a fused forward/backward."""
+init and state_dict keys, so a torch checkpoint loads unchanged) with a fused forward/backward.
+
+forward(input) is torch's. forward(input, residual) is the pre-norm transformer's add-then-norm
+in one pass: it returns (norm(input + residual), input + residual), the second being the new
+residual stream."""
 
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
         return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias,
-                                     self.eps, backend=self.backend)
+                                     self.eps, residual=residual, backend=self.backend)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -30,6 +35,7 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
         return functional.rms_norm(input, self.normalized_shape, self.weight, self.eps,
-                                   backend=self.backend)
+                                   residual=residual, backend=self.backend)
