@@ -48,8 +48,13 @@ def machine(device: str) -> dict[str, object]:
     else:
         name = f"{_cpu_model()}, {os.cpu_count()} cores ({' '.join(_cpu_flags())})"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                capture_output=True, cwd=RESULTS.parent).stdout.strip() or None
+        git = dict(text=True, capture_output=True, cwd=RESULTS.parent)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
+        # Changes to tracked files outside the results mean the code run is not the commit's.
+        if commit and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
+                                      "--", ".", ":!bench/results"], **git).stdout.strip():
+            commit += " with uncommitted changes"
+        commit = commit or None
     except OSError:
         commit = None
     return {
