@@ -38,7 +38,7 @@ $(VENV)/.setup-done:
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install --quiet "$(TRITON_SPEC)" ninja setuptools wheel pytest numpy expecttest lion-pytorch \
-		pytest-benchmark
+		$(DEMO_DEPS)
 	touch $@
 
 # An interpreter that brings its own torch: use what it has, install nothing (there may be no network).
@@ -60,10 +60,11 @@ build: $(BUILD_STAMP)
 test: build
 	$(PY) -m pytest tests -q -m "not interpret"
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m interpret
-	@# The benchmark suite, each case run once as a test (it times nothing here).
-	@if $(PY) -c "import pytest_benchmark" 2>/dev/null; then \
+	@# bench/'s tests: the demo at a toy size, and the benchmark suite with each case run once
+	@# (it times nothing here).
+	@if $(PY) -c "import pytest_benchmark, matplotlib, tqdm" 2>/dev/null; then \
 		$(PY) -m pytest bench -q --benchmark-disable; \
-	else echo "pytest-benchmark is not installed here: bench/ not run"; fi
+	else echo "this interpreter lacks $(DEMO_DEPS): bench/ not tested"; fi
 
 # Peers measured by the benchmark when they install (DeepSpeed's CPU Adam, optimi's and
 # pytorch-optimizer's Lion); best effort, and never with PYTHON= (that interpreter may have no
@@ -78,6 +79,7 @@ build/.bench-peers-external:
 	mkdir -p build && touch $@
 BENCH_STAMP := $(if $(PYTHON),build/.bench-peers-external,$(VENV)/.bench-peers)
 
+# The set-up installs them too (make test runs bench/'s tests); this covers an older set-up.
 $(VENV)/.demo-deps: $(VENV)/.setup-done
 	$(VENV)/bin/pip install --quiet $(DEMO_DEPS) "$(TORCH_SPEC)"
 	touch $@
