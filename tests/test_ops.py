@@ -105,6 +105,42 @@ def test_outputs_past_the_streaming_size_are_right_when_streamed():
     subprocess.run([sys.executable, "-c", STREAMED_OUTPUTS_CHECK], env=env, check=True)
 
 
+PREFETCH_CHECK = """
+import sys, torch, fusedopt
+generator = torch.Generator().manual_seed(0)
+shapes = [(1000, 37), (4099,), (3, 5)]  # tails shorter than a vector step, and a tiny tensor
+params = [torch.randn(s, generator=generator) for s in shapes]
+grads = [torch.randn(s, generator=generator) for s in shapes]
+outs = []
+for make in (lambda ps: fusedopt.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="cpp"),
+             lambda ps: fusedopt.SGD(ps, lr=1e-2, momentum=0.9, backend="cpp"),
+             lambda ps: fusedopt.Lion(ps, lr=1e-3, backend="cpp")):
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    opt = make(ps)
+    for _ in range(3):
+        opt.step()
+    outs += [p.detach() for p in ps]
+torch.save(outs, sys.argv[1])
+"""
+
+
+@needs_ext
+def test_software_prefetch_changes_no_result(tmp_path):
+    """FUSEDOPT_CPU_PREFETCH (read when the extension loads, so in child processes) moves only
+    cache lines: the steps are bit for bit the same with it off and on."""
+    results = []
+    for distance in ("0", "512"):
+        path = tmp_path / f"prefetch-{distance}.pt"
+        env = {**os.environ, "FUSEDOPT_CPU_PREFETCH": distance}
+        subprocess.run([sys.executable, "-c", PREFETCH_CHECK, str(path)], env=env, check=True)
+        results.append(torch.load(path))
+    assert len(results[0]) == 9
+    for off, on in zip(*results):
+        assert torch.equal(off, on)
+
+
 def independent_step(algorithm: str, lists, hyper: dict, lr: float, grad_scale: float) -> None:
     """The same step by code that shares nothing with fusedopt: torch.optim's own functions (for
     Lion, lion-pytorch's), after unscaling the grads in place, as the step's contract says."""

@@ -12,7 +12,9 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <optional>
 #include <type_traits>
@@ -84,14 +86,21 @@ void parallel_for_chunks(const std::vector<int64_t>& numels, const Fn& fn) {
   });
 }
 
-// Software prefetch distance. The hardware prefetchers alone keep too few cache-line misses in
-// flight while the optimizers' long-latency sqrt and divide fill the reorder buffer; prefetching
-// 512 elements ahead took the 25M-param AdamW step from ~16.2 to ~14.6 ms here (2 cores).
-constexpr int64_t kPrefetchElements = 512;
+// Software prefetch distance, in elements ahead of the current vector step; 0 (the default) leaves
+// the streams to the hardware prefetchers. Set it with FUSEDOPT_CPU_PREFETCH (read once, when the
+// extension loads), since the best value differs between CPUs: on one 2-core machine, 512 took the
+// 25M-param AdamW step from ~16.2 to ~14.6 ms (the long-latency sqrt and divide fill the reorder
+// buffer, and too few misses stay in flight), while on a 2-core AMD EPYC (avx512_bf16,
+// 2026-12-03) it made AdamW and SGD-momentum ~15% slower than without (three runs each).
+inline const int64_t kPrefetchElements = [] {
+  const char* value = std::getenv("FUSEDOPT_CPU_PREFETCH");
+  return value ? std::max<int64_t>(0, std::atoll(value)) : int64_t{0};
+}();
 
 // Prefetches the cache lines that the vector step kPrefetchElements after element i will touch.
 template <bool kWrite, typename scalar_t>
 inline void prefetch_ahead(const scalar_t* base, int64_t i) {
+  if (kPrefetchElements == 0) return;
   // Integer arithmetic: the address may lie past the tensor's end (prefetches never fault).
   const auto ahead = reinterpret_cast<const char*>(
       reinterpret_cast<uintptr_t>(base) + (i + kPrefetchElements) * sizeof(scalar_t));
@@ -366,7 +375,8 @@ FUSEDOPT_INLINE void apply_to_streams(const Fn& fn, V* v, std::integer_sequence<
 
 // The one vector loop of every optimizer step. Over elements [begin, end) of one tensor's streams
 // (ptr[k]: the data of stream k), kVecStepOf<scalar_t> elements at a time, it
-//   prefetches kPrefetchElements ahead every stream it loads or stores (for writing if it stores),
+//   prefetches kPrefetchElements ahead (when set) every stream it loads or stores (for writing
+//     if it stores),
 //   loads each stream in kLoaded as two compute vectors (fp32, fp64 for fp64 storage); the others
 //     are zeros,
 //   unscales the grad and stores it back unscaled (unscale.active),
