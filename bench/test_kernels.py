@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_optim import make_params
 
 import fusedopt
 
@@ -50,16 +51,6 @@ def optimizer_cases():
                 yield pytest.param(name, size, "torch", id=f"{name}-{size}-torch")
 
 
-def params(shapes) -> list[torch.nn.Parameter]:
-    generator = torch.Generator().manual_seed(0)
-    out = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=generator).to(DEVICE))
-        p.grad = torch.randn(shape, generator=generator).to(DEVICE)
-        out.append(p)
-    return out
-
-
 def synchronized(fn):
     if DEVICE != "cuda":
         return fn
@@ -73,7 +64,7 @@ def synchronized(fn):
 @pytest.mark.parametrize("name,size,backend", list(optimizer_cases()))
 def test_optimizer_step(benchmark, name, size, backend):
     _, ours, theirs = OPTIMIZERS[name]
-    ps = params((MUON_SIZES if name == "muon" else OPTIMIZER_SIZES)[size])
+    ps = make_params((MUON_SIZES if name == "muon" else OPTIMIZER_SIZES)[size], DEVICE)
     optimizer = theirs(ps) if backend == "torch" else ours(ps, backend)
     optimizer.step()  # state allocated outside the timing
     before = ps[0].detach().clone()
