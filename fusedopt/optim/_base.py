@@ -1,5 +1,6 @@
 """What every fusedopt optimizer shares with its torch.optim twin and adds to it: the `backend`
-keyword, GradScaler support inside the step, and `step` tensors on the params' device."""
+keyword, GradScaler support inside the step, global grad-norm clipping inside the step
+(`max_grad_norm`), and `step` tensors on the params' device."""
 
 from __future__ import annotations
 
@@ -79,7 +80,10 @@ def params_with_grads(group: dict[str, Any], sparse_error: str) -> Iterator[tupl
 
 
 class FusedOptimizer(Optimizer):
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any],
+                 max_grad_norm: float | None = None) -> None:
+        if max_grad_norm is not None and not 0.0 < max_grad_norm:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         if defaults.get("differentiable"):
             raise RuntimeError("`fused` does not support `differentiable`")
         if defaults.get("fused") and defaults.get("foreach"):
@@ -89,6 +93,8 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
         # GradScaler hands this optimizer grad_scale / found_inf instead of unscaling grads itself.
         self._step_supports_amp_scaling = True
+        # One norm over every param of every group, so an optimizer attribute, not a group key.
+        self.max_grad_norm = max_grad_norm
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict ends here: groups saved by torch.optim lack our keys (backend), and their
@@ -119,5 +125,37 @@ class FusedOptimizer(Optimizer):
             return closure()
 
     def _amp_args(self) -> dict[str, Tensor | None]:
-        return {"grad_scale": getattr(self, "grad_scale", None),
-                "found_inf": getattr(self, "found_inf", None)}
+        """grad_scale and found_inf for the kernels: GradScaler's, with the max_grad_norm clip
+        folded into grad_scale where it is set."""
+        grad_scale = getattr(self, "grad_scale", None)
+        if getattr(self, "max_grad_norm", None) is not None:
+            grad_scale = self._clipping_grad_scale(grad_scale)
+        return {"grad_scale": grad_scale, "found_inf": getattr(self, "found_inf", None)}
+
+    def _clipping_grad_scale(self, grad_scale: Tensor | None) -> Tensor | None:
+        """The divisor that clips as torch.nn.utils.clip_grad_norm_(params, max_grad_norm) would
+        after GradScaler's unscaling: the kernels divide every grad by grad_scale and store the
+        result back, so grad_scale / clip_coef unscales and clips in the step's own pass. The norm
+        and the coefficient stay tensors on the device (no host sync)."""
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if not grads:
+            return grad_scale
+        if DTensor is not None and any(isinstance(g, DTensor) for g in grads):
+            raise NotImplementedError(
+                "fusedopt: max_grad_norm does not take DTensor (FSDP2) grads yet; call "
+                "torch.nn.utils.clip_grad_norm_ before step() instead")
+        device = grads[0].device
+        # fp32, or fp64 where a grad is fp64 (its step computes in fp64).
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for g in grads:
+            by_kind.setdefault((g.device, g.dtype), []).append(g)
+        norms = [norm.to(device, dtype) for kind in by_kind.values()
+                 for norm in torch._foreach_norm(kind)]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        scale = (torch.ones((), device=device, dtype=dtype) if grad_scale is None
+                 else grad_scale.to(device, dtype))
+        # Scaled grads (GradScaler): the norm of the unscaled ones.
+        clip_coef = torch.clamp(self.max_grad_norm / (total / scale + 1e-6), max=1.0)
+        return scale / clip_coef

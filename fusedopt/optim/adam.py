@@ -28,7 +28,9 @@ class Adam(FusedOptimizer):
     decoupled_weight_decay=False. `foreach` and `fused` are accepted and change nothing: every
     step is fused. Every step is also capturable: it never reads a device value on the host.
     backend: "auto" (Triton or CUDA C++ on GPUs, C++ on CPUs), "triton", "cpp", "cuda" or
-    "reference" (plain torch).
+    "reference" (plain torch). max_grad_norm: clip the grads' global norm (over every param of
+    every group) to it inside the step, as torch.nn.utils.clip_grad_norm_ before step() would
+    (the grads are left clipped, as that leaves them); None (the default) does not clip.
 
     State per param, as torch's: "step" (float32 scalar tensor on the param's device),
     "exp_avg", "exp_avg_sq" and, with amsgrad, "max_exp_avg_sq" (the param's dtype and layout).
@@ -49,6 +51,7 @@ class Adam(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         # torch.optim.Adam's checks, messages and exception types.
@@ -88,7 +91,7 @@ class Adam(FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             backend=backend,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                     exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -162,6 +165,7 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -177,6 +181,7 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            max_grad_norm=max_grad_norm,
             backend=backend,
         )
 

@@ -23,7 +23,8 @@ class Lion(FusedOptimizer):
 
     Args: params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, and keyword-only
     maximize=False, capturable=False (every step is capturable: it never reads a device value on
-    the host), backend="auto" | "triton" | "cpp" | "cuda" | "reference".
+    the host), max_grad_norm=None (the global grad-norm clip of fusedopt.Adam),
+    backend="auto" | "triton" | "cpp" | "cuda" | "reference".
     State per param: "exp_avg" (the param's dtype and layout), as lion-pytorch.
     """
 
@@ -36,6 +37,7 @@ class Lion(FusedOptimizer):
         *,
         maximize: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -56,7 +58,7 @@ class Lion(FusedOptimizer):
             capturable=capturable,
             backend=backend,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                     exp_avgs: list[Tensor]) -> bool:

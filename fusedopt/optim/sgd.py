@@ -24,8 +24,8 @@ class SGD(FusedOptimizer):
     Args: those of torch.optim.SGD, same defaults: lr=1e-3, momentum=0, dampening=0,
     weight_decay=0, nesterov=False, and keyword-only maximize=False, foreach=None,
     differentiable=False (True raises, as with torch's fused=True), fused=None (`foreach` and
-    `fused` are accepted and change nothing), backend="auto" | "triton" | "cpp" | "cuda" |
-    "reference".
+    `fused` are accepted and change nothing), max_grad_norm=None (the global grad-norm clip of
+    fusedopt.Adam), backend="auto" | "triton" | "cpp" | "cuda" | "reference".
     State per param, as torch's: "momentum_buffer" once a step with momentum != 0 has run
     (no state at all with momentum 0).
     """
@@ -43,6 +43,7 @@ class SGD(FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
         backend: str = "auto",
     ) -> None:
         # torch.optim.SGD's checks, messages and exception types.
@@ -68,7 +69,7 @@ class SGD(FusedOptimizer):
             fused=fused,
             backend=backend,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                     momentum_buffers: list[Tensor | None]) -> bool:
