@@ -164,6 +164,57 @@ def test_gpu_step_captures_in_a_cuda_graph(backend):
     assert ours.state[params[0]]["step"].item() == 5
 
 
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("optimizer_cls", ["AdamW", "Lion"])
+def test_gpu_captured_step_follows_an_lr_schedule_and_clips(optimizer_cls, backend):
+    """A step captured once replays correctly while an LR scheduler changes the device lr
+    between replays (filled in place) and new grads of changing norm are copied into the
+    captured ones, with max_grad_norm clipping inside the graph: as eager steps with a float lr."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (5, 70000)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    make = getattr(fusedopt, optimizer_cls)
+    ours = make(params, lr=torch.tensor(1e-2, device="cuda"), capturable=True,
+                max_grad_norm=50.0, backend=backend)
+    eager = make(twins, lr=1e-2, max_grad_norm=50.0, backend=backend)
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8) for opt in (ours, eager)]
+
+    def new_grads(scale: float) -> None:
+        for p, t in zip(params, twins):
+            grad = torch.randn_like(p) * scale
+            if p.grad is None:
+                p.grad = grad.clone()
+            else:
+                p.grad.copy_(grad)  # the captured graph reads these very tensors
+            t.grad = grad
+
+    new_grads(1.0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: state allocation and kernel compilation outside the graph
+            ours.step()
+            eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours.step()
+    lrs = []
+    for scale in (0.01, 1.0, 3.0, 0.5, 2.0):  # grad norms ~2.6 to ~800: clipped at some steps
+        for schedule in schedules:
+            schedule.step()
+        lrs.append(ours.param_groups[0]["lr"].item())
+        assert lrs[-1] == pytest.approx(eager.param_groups[0]["lr"])
+        new_grads(scale)
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    assert len(set(lrs)) == len(lrs)  # the schedule moved the lr at every replay
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p, t, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(p.grad, t.grad, atol=1e-6, rtol=1e-5)
+
+
 needs_gpu_norm = pytest.mark.skipif(
     not fusedopt._ops.has_kernel("fusedopt::norm_fwd", "CUDA"),
     reason="the Triton norm kernels are not registered (they need a GPU and triton)")
