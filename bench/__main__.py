@@ -55,7 +55,7 @@ def chart_bars(name: str, report: dict) -> tuple[str, list[tuple[str, float, boo
             eager = result["rows"]["torch eager"]["train_ms"]
             bars += [(f"{case} fwd+bwd: {provider}", row["train_ms"] / eager,
                       provider.startswith("fusedopt")) for provider, row in result["rows"].items()]
-        return "torch eager (fwd+bwd)", bars
+        return "torch eager (fwd+bwd; glibc keeping freed memory)", bars
     for case, result in report["results"].items():
         for provider, row in result["rows"].items():
             baseline = row.get("baseline", result.get("baseline"))
@@ -79,11 +79,16 @@ def main() -> None:
     for name, command in commands(args.device, args.only, args.quick, directory).items():
         print(f"\n## {name}: python {' '.join(command[1:])}", flush=True)
         subprocess.run(command, check=True)
-        report = json.loads((directory / f"{name}.json").read_text())
-        baseline, bars = chart_bars(name, report)
-        title = f"{name} ({report['machine']['device']}; commit {report['machine']['commit']})"
-        written.append(_report.ratio_chart(directory / f"{name}.png", title, bars, baseline))
+        written.append(chart(name, directory))
     print(f"\ncharts: {', '.join(str(p) for p in written)}")
+
+
+def chart(name: str, directory: Path) -> Path:
+    """directory/NAME.png from directory/NAME.json."""
+    report = json.loads((directory / f"{name}.json").read_text())
+    baseline, bars = chart_bars(name, report)
+    title = f"{name} ({report['machine']['device']}; commit {report['machine']['commit']})"
+    return _report.ratio_chart(directory / f"{name}.png", title, bars, baseline)
 
 
 if __name__ == "__main__":

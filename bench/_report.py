@@ -107,22 +107,33 @@ def ratio_chart(path: Path, title: str, bars: list[tuple[str, float, bool]], bas
     """A horizontal bar chart of time / baseline's time, one bar per (label, ratio, is_fusedopt);
     fusedopt's bars coloured, the peers' grey, a line at 1."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(9, 0.28 * len(bars) + 1.4))
+    figure, axis = plt.subplots(figsize=(11, 0.28 * len(bars) + 1.4))
     labels = [label for label, _, _ in bars][::-1]
     ratios = [ratio for _, ratio, _ in bars][::-1]
     colors = ["C0" if ours else "0.65" for _, _, ours in bars][::-1]
     drawn = axis.barh(labels, ratios, color=colors)
     axis.bar_label(drawn, fmt="%.2f", padding=3, fontsize=7)
     axis.axvline(1.0, color="k", linewidth=0.8)
-    axis.set_xscale("log")
-    axis.set_xlabel(f"time / {baseline} (log scale; < 1 is faster)")
+    # Linear from 0 unless the ratios span more than 20x; log then, so that small bars show.
+    if max(ratios) / min(ratios) > 20:
+        axis.set_xscale("log")
+        low, high = min(ratios) / 1.5, max(ratios) * 1.5
+        axis.set_xlim(low, high)
+        axis.set_xticks([t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20) if low <= t <= high])
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        scale = "log scale; "
+    else:
+        axis.set_xlim(0, max(ratios) * 1.12)
+        scale = ""
+    axis.set_xlabel(f"time / {baseline} ({scale}< 1 is faster)")
     axis.tick_params(axis="y", labelsize=7)
     axis.set_title(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")  # long labels stay whole
     plt.close(figure)
     return path
