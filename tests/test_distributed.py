@@ -1,7 +1,8 @@
 """fusedopt optimizers under FSDP2 (fully_shard) and DDP, with gloo on CPU, in 2 and 3 processes
 started by the test: training equals single-process training on the whole batch, the step
-communicates nothing (but Muon's all-gathers of each sharded matrix's update under FSDP2), and
-training resumed from a torch.distributed.checkpoint continues exactly."""
+communicates nothing (but, under FSDP2, Muon's all-gathers of each sharded matrix's update and the
+clipping norm's all-reduce), and training resumed from a torch.distributed.checkpoint continues
+exactly."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ OPTIMIZERS = {
     "SGD": lambda params: fusedopt.SGD(params, lr=5e-2, momentum=0.9, nesterov=True,
                                        weight_decay=1e-2),
     "Lion": lambda params: fusedopt.Lion(params, lr=1e-3, weight_decay=0.1),
+    # Clipped at every step (the grads' norm here is 0.4 to 0.9): under FSDP2 the norm is the
+    # whole model's, all-reduced over the shards.
+    "AdamW-clipped": lambda params: fusedopt.AdamW(params, lr=1e-2, max_grad_norm=0.02),
     # The whole model: its weight matrices orthogonalized, its biases by the AdamW inside. fp32
     # Newton-Schulz, so that the ranks' other order of summing grads stays at fp32 rounding.
     "Muon": lambda params: fusedopt.Muon(params, lr=2e-2, ns_dtype=torch.float32),
@@ -166,5 +170,8 @@ def test_distributed_training_matches_one_process_and_resumes_exactly(
     if name == "Muon" and wrapper == "fsdp2":  # one all-gather per weight matrix, nothing else
         assert list(result["step_collectives"].values()) == [2], result["step_collectives"]
         assert "all_gather" in next(iter(result["step_collectives"]))
+    elif name == "AdamW-clipped" and wrapper == "fsdp2":  # the grad norm's one all-reduce
+        assert list(result["step_collectives"].values()) == [1], result["step_collectives"]
+        assert "all_reduce" in next(iter(result["step_collectives"]))
     else:
         assert result["step_collectives"] == {}

@@ -79,6 +79,24 @@ def params_with_grads(group: dict[str, Any], sparse_error: str) -> Iterator[tupl
         yield p, grad
 
 
+def _total_norm(grads: list[Tensor]) -> Tensor:
+    """The 2-norm of all grads together, as torch.nn.utils.clip_grad_norm_ computes it (torch's
+    own function where this torch has it, 2.6 and later); a DTensor for DTensor grads."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    if DTensor is not None and any(isinstance(g, DTensor) for g in grads):
+        raise NotImplementedError(
+            f"fusedopt: max_grad_norm with DTensor (FSDP2) grads needs torch 2.6 or later "
+            f"(torch.nn.utils.get_total_norm); this is {torch.__version__}")
+    device = grads[0].device
+    by_kind: dict[tuple, list[Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    norms = [norm.to(device) for kind in by_kind.values() for norm in torch._foreach_norm(kind)]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 class FusedOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any],
                  max_grad_norm: float | None = None) -> None:
@@ -141,19 +159,12 @@ class FusedOptimizer(Optimizer):
                  if p.grad is not None]
         if not grads:
             return grad_scale
-        if DTensor is not None and any(isinstance(g, DTensor) for g in grads):
-            raise NotImplementedError(
-                "fusedopt: max_grad_norm does not take DTensor (FSDP2) grads yet; call "
-                "torch.nn.utils.clip_grad_norm_ before step() instead")
-        device = grads[0].device
-        # fp32, or fp64 where a grad is fp64 (its step computes in fp64).
-        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        by_kind: dict[tuple, list[Tensor]] = {}
-        for g in grads:
-            by_kind.setdefault((g.device, g.dtype), []).append(g)
-        norms = [norm.to(device, dtype) for kind in by_kind.values()
-                 for norm in torch._foreach_norm(kind)]
-        total = torch.linalg.vector_norm(torch.stack(norms))
+        total = _total_norm(grads)
+        if DTensor is not None and isinstance(total, DTensor):  # FSDP2: one all-reduce
+            total = total.full_tensor()
+        # fp32, or fp64 where the grads are (their step computes in fp64).
+        dtype = torch.promote_types(total.dtype, torch.float32)
+        total, device = total.to(dtype), total.device
         scale = (torch.ones((), device=device, dtype=dtype) if grad_scale is None
                  else grad_scale.to(device, dtype))
         # Scaled grads (GradScaler): the norm of the unscaled ones.
