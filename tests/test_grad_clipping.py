@@ -3,6 +3,9 @@ followed by the step, with and without GradScaler's scaling, on every CPU backen
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from conftest import cpu_backend_params
@@ -59,6 +62,17 @@ def test_max_grad_norm_is_checked_and_optional():
         with pytest.raises(ValueError, match="Invalid max_grad_norm"):
             fusedopt.AdamW([p], max_grad_norm=bad)
     assert fusedopt.SGD([p], lr=0.1).max_grad_norm is None
+
+
+def test_max_grad_norm_survives_deepcopy_pickle_and_load_state_dict():
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    opt = fusedopt.AdamW([p], max_grad_norm=0.5)
+    opt.step()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.max_grad_norm == 0.5
+    opt.load_state_dict(fusedopt.AdamW([p]).state_dict())
+    assert opt.max_grad_norm == 0.5  # a constructor argument, as torch keeps its own
 
 
 def test_max_grad_norm_under_torch_compile_matches_eager():

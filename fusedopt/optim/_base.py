@@ -114,11 +114,19 @@ class FusedOptimizer(Optimizer):
         # One norm over every param of every group, so an optimizer attribute, not a group key.
         self.max_grad_norm = max_grad_norm
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles (and deepcopies) only defaults, state and param_groups: without
+        # this, a copied optimizer would silently stop clipping.
+        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # load_state_dict ends here: groups saved by torch.optim lack our keys (backend), and their
+        # load_state_dict ends here too (with state and param_groups only, so max_grad_norm stays
+        # as constructed): groups saved by torch.optim lack our keys (backend), and their
         # `step` may be a float64 CPU tensor (or a number); the kernels read a float32 tensor on
         # the param's device.
         super().__setstate__(state)
+        if not hasattr(self, "max_grad_norm"):  # pickled before max_grad_norm existed
+            self.max_grad_norm = None
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -146,7 +154,7 @@ class FusedOptimizer(Optimizer):
         """grad_scale and found_inf for the kernels: GradScaler's, with the max_grad_norm clip
         folded into grad_scale where it is set."""
         grad_scale = getattr(self, "grad_scale", None)
-        if getattr(self, "max_grad_norm", None) is not None:
+        if self.max_grad_norm is not None:
             grad_scale = self._clipping_grad_scale(grad_scale)
         return {"grad_scale": grad_scale, "found_inf": getattr(self, "found_inf", None)}
 
