@@ -103,15 +103,29 @@ def write(stem: str | Path, report: dict[str, object], table: str) -> None:
     print(f"wrote {stem}.json and .md")
 
 
-def ratio_chart(path: Path, title: str, bars: list[tuple[str, float, bool]], baseline: str) -> Path:
-    """A horizontal bar chart of time / baseline's time, one bar per (label, ratio, is_fusedopt);
-    fusedopt's bars coloured, the peers' grey, a line at 1."""
+def pyplot():
+    """matplotlib.pyplot, drawing to files (no display needed)."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(figure, path: Path) -> Path:
+    """Writes the figure as a PNG cropped to what it draws (long labels stay whole); frees it."""
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot().close(figure)
+    return path
+
+
+def ratio_chart(path: Path, title: str, bars: list[tuple[str, float, bool]], baseline: str) -> Path:
+    """A horizontal bar chart of time / baseline's time, one bar per (label, ratio, is_fusedopt);
+    fusedopt's bars coloured, the peers' grey, a line at 1."""
+    import matplotlib.ticker
+
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(11, 0.28 * len(bars) + 1.4))
     labels = [label for label, _, _ in bars][::-1]
     ratios = [ratio for _, ratio, _ in bars][::-1]
@@ -134,6 +148,4 @@ def ratio_chart(path: Path, title: str, bars: list[tuple[str, float, bool]], bas
     axis.set_xlabel(f"time / {baseline} ({scale}< 1 is faster)")
     axis.tick_params(axis="y", labelsize=7)
     axis.set_title(title, fontsize=9)
-    figure.savefig(path, dpi=110, bbox_inches="tight")  # long labels stay whole
-    plt.close(figure)
-    return path
+    return save(figure, path)

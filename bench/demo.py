@@ -285,11 +285,7 @@ def check_sentence(check: dict[str, object]) -> str:
 
 def plot(report: dict[str, object], directory: Path) -> list[Path]:
     """Loss against step and against time; optimizer-step time; optimizer-state memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _report.pyplot()
     runs = report["runs"]
     colors = {name: f"C{i}" for i, name in enumerate(OPTIMIZERS)}
     paths = []
@@ -315,7 +311,7 @@ def plot(report: dict[str, object], directory: Path) -> list[Path]:
     figure.suptitle(f"Character-level GPT, {report['params'] / 1e6:.1f}M params: loss "
                     f"({report['machine']['device']})", fontsize=10)
     figure.tight_layout()
-    paths.append(save(figure, directory / "demo-loss.png"))
+    paths.append(_report.save(figure, directory / "demo-loss.png"))
 
     for key, scale, xlabel, stem in (
             ("optimizer_step_ms", 1, "optimizer step (ms, median)", "demo-optimizer-step"),
@@ -331,7 +327,7 @@ def plot(report: dict[str, object], directory: Path) -> list[Path]:
         axis.set_title(f"{report['params'] / 1e6:.1f}M-param GPT; torch baselines in grey",
                        fontsize=10)
         figure.tight_layout()
-        paths.append(save(figure, directory / f"{stem}.png"))
+        paths.append(_report.save(figure, directory / f"{stem}.png"))
     return paths
 
 
@@ -341,14 +337,6 @@ def moving_average(values: list[float], window: int) -> list[float]:
         total += v - (values[i - window] if i >= window else 0.0)
         out.append(total / min(i + 1, window))
     return out
-
-
-def save(figure, path: Path) -> Path:
-    figure.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return path
 
 
 def main() -> None:

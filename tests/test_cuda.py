@@ -133,6 +133,22 @@ def test_gpu_grad_scaler_matches_torch_fused(backend):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def captured_step(ours, eager) -> torch.cuda.CUDAGraph:
+    """ours.step() recorded into a CUDA graph, after two warm-up steps of ours and eager on a side
+    stream (state allocation and kernel compilation stay outside the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            ours.step()
+            eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours.step()
+    return graph
+
+
 @pytest.mark.parametrize("backend", gpu_backends())
 def test_gpu_step_captures_in_a_cuda_graph(backend):
     """No host sync inside the step: it records into a CUDA graph and replays like eager steps."""
@@ -145,16 +161,7 @@ def test_gpu_step_captures_in_a_cuda_graph(backend):
     lr = torch.tensor(1e-2, device="cuda")
     ours = fusedopt.AdamW(params, lr=lr, capturable=True, backend=backend)
     eager = fusedopt.AdamW(twins, lr=1e-2, backend=backend)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up: state allocation and kernel compilation outside the graph
-            ours.step()
-            eager.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ours.step()
+    graph = captured_step(ours, eager)
     for _ in range(3):
         graph.replay()
         eager.step()
@@ -189,16 +196,7 @@ def test_gpu_captured_step_follows_an_lr_schedule_and_clips(optimizer_cls, backe
             t.grad = grad
 
     new_grads(1.0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # warm-up: state allocation and kernel compilation outside the graph
-            ours.step()
-            eager.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ours.step()
+    graph = captured_step(ours, eager)
     lrs = []
     for scale in (0.01, 1.0, 3.0, 0.5, 2.0):  # grad norms ~2.6 to ~800: clipped at some steps
         for schedule in schedules:
