@@ -47,6 +47,24 @@ OPTIMIZERS = {
     "fusedopt-lion": "fusedopt Lion",
     "fusedopt-muon": "fusedopt Muon",
     "torch-muon": "torch Muon + AdamW",
+    # Lean states (fusedopt.optim._lean): fp32 params with 8-bit moments, then bf16 params kept
+    # five ways (rounded to nearest as torch does, an fp32 master, a compact 24-bit master with
+    # 8-bit moments, Kahan compensation, stochastic rounding).
+    "fusedopt-adamw-8bit": "fusedopt AdamW 8-bit",
+    "fusedopt-adamw-bf16": "fusedopt AdamW bf16",
+    "fusedopt-adamw-bf16-master": "fusedopt AdamW bf16+master",
+    "fusedopt-adamw-bf16-compact-8bit": "fusedopt AdamW bf16+compact 8-bit",
+    "fusedopt-adamw-bf16-kahan": "fusedopt AdamW bf16 Kahan",
+    "fusedopt-adamw-bf16-stochastic": "fusedopt AdamW bf16 stochastic",
+}
+# The lean modes' fusedopt.AdamW options, and which train bf16 params.
+LEAN = {
+    "fusedopt-adamw-8bit": dict(state_dtype=torch.uint8),
+    "fusedopt-adamw-bf16": {},
+    "fusedopt-adamw-bf16-master": dict(master_weights=True, state_dtype=torch.float32),
+    "fusedopt-adamw-bf16-compact-8bit": dict(master_weights="compact", state_dtype=torch.uint8),
+    "fusedopt-adamw-bf16-kahan": dict(kahan_summation=True),
+    "fusedopt-adamw-bf16-stochastic": dict(stochastic_rounding=True),
 }
 BASELINES = ("torch-adamw", "torch-muon")
 # Hyperparameters shared by every run. Lion takes a 3x smaller lr and a 3x larger weight decay
@@ -127,6 +145,8 @@ def make_optimizer(name: str, model: GPT) -> list[torch.optim.Optimizer]:
         return [fusedopt.AdamW(model.parameters(), **ADAMW)]
     if name == "fusedopt-lion":
         return [fusedopt.Lion(model.parameters(), **LION)]
+    if name in LEAN:
+        return [fusedopt.AdamW(model.parameters(), **ADAMW, **LEAN[name])]
     muon_group, adamw_group = fusedopt.muon_param_groups(
         model, adamw_lr=ADAMW["lr"], adamw_weight_decay=ADAMW["weight_decay"])
     if name == "fusedopt-muon":
@@ -155,6 +175,8 @@ def train(name: str, args: argparse.Namespace) -> dict[str, object]:
 
     torch.manual_seed(args.seed)
     model = GPT(len(alphabet), args.context, args.width, args.depth, args.heads).to(device)
+    if "bf16" in name:  # the same initial values, rounded
+        model = model.to(torch.bfloat16)
     optimizers = make_optimizer(name, model)
     batches = torch.Generator().manual_seed(args.seed)  # the same data order in every run
 
@@ -169,7 +191,7 @@ def train(name: str, args: argparse.Namespace) -> dict[str, object]:
 
     def loss_of(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = model(tokens)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
     def validate() -> float:
         with torch.no_grad():

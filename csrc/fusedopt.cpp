@@ -20,6 +20,25 @@ TORCH_LIBRARY(fusedopt, m) {
       "Tensor lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  // One Adam / AdamW step (no amsgrad) with lean states (math and formats:
+  // fusedopt/reference.py::adam_lean). exp_avgs and exp_avg_sqs share one dtype: a float dtype,
+  // or uint8 (8-bit blockwise, with one fp32 absmax per 256 elements in exp_avg_absmaxes and
+  // exp_avg_sq_absmaxes, which are empty otherwise). param_mode says how bf16 / fp16 params are
+  // kept: nearest, master (param_extras: fp32 masters), compact (int8 corrections), kahan
+  // (compensations in the params' dtype) or stochastic; param_extras is empty for nearest and
+  // stochastic. Steps, grad_scale and found_inf as adam_'s.
+  m.def(
+      "adam_lean_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avg_absmaxes, Tensor(f!)[] exp_avg_sq_absmaxes, "
+      "Tensor(g!)[] param_extras, Tensor(h!)[] state_steps, *, float lr, float beta1, "
+      "float beta2, float weight_decay, float eps, bool maximize, bool decoupled_weight_decay, "
+      "str param_mode, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "adam_lean_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avg_absmaxes, Tensor(f!)[] exp_avg_sq_absmaxes, "
+      "Tensor(g!)[] param_extras, Tensor(h!)[] state_steps, *, Tensor lr, float beta1, "
+      "float beta2, float weight_decay, float eps, bool maximize, bool decoupled_weight_decay, "
+      "str param_mode, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // One Lion step over many tensors (math: fusedopt/reference.py::lion). Lion keeps no step count.
   m.def(
       "lion_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, *, float lr, "

@@ -175,6 +175,11 @@ REGISTRY: dict[str, dict[str, Implementation]] = {
                      _extension_op("adam_", "cuda", "CUDA", KERNEL_DTYPES),
                      _extension_op("adam_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
                      _reference(reference.adam)),
+    # Adam with lean states (8-bit / low-precision moments, masters): C++ on CPU; elsewhere, for
+    # now, the reference.
+    "adam_lean": _entries(_extension_op("adam_lean_", "cpp", "CPU", KERNEL_DTYPES,
+                                        contiguous_only=True),
+                          _reference(reference.adam_lean)),
     "lion": _entries(_triton_optimizer("lion"),
                      _extension_op("lion_", "cuda", "CUDA", KERNEL_DTYPES),
                      _extension_op("lion_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),

@@ -82,6 +82,37 @@ def adam(
           found_inf=found_inf)
 
 
+def adam_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_absmaxes: list[Tensor],
+    exp_avg_sq_absmaxes: list[Tensor],
+    param_extras: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    param_mode: str,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One Adam / AdamW step with lean states (8-bit or low-precision moments, masters for bf16
+    / fp16 params), in place; see reference.adam_lean. The states share one dtype."""
+    _step("adam_lean", (params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
+                        exp_avg_sq_absmaxes, param_extras, state_steps), backend,
+          lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize,
+          decoupled_weight_decay=decoupled_weight_decay, param_mode=param_mode,
+          grad_scale=grad_scale, found_inf=found_inf)
+
+
 def lion(
     params: list[Tensor],
     grads: list[Tensor],

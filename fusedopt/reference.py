@@ -81,33 +81,246 @@ def adam(
     store = _store_unless(found_inf)
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
-        lr_i = _in_compute_dtype(lr, dtype, param.device)
         step = state_steps[i].to(torch.float64) + 1
         store(state_steps[i], step)
-
         grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
-
-        p = param.to(dtype)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                p = p * (1 - lr_i * weight_decay)
-            else:
-                grad = grad + weight_decay * p
-
-        exp_avg = exp_avgs[i].to(dtype).lerp(grad, 1 - beta1)
-        exp_avg_sq = exp_avg_sqs[i].to(dtype) * beta2 + (1 - beta2) * grad * grad
+        max_exp_avg_sq = max_exp_avg_sqs[i] if amsgrad else None
+        p, exp_avg, exp_avg_sq, max_exp_avg_sq = _adam_math(
+            param.to(dtype), grad, exp_avgs[i].to(dtype), exp_avg_sqs[i].to(dtype),
+            None if max_exp_avg_sq is None else max_exp_avg_sq.to(dtype), step, lr=lr,
+            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+            decoupled_weight_decay=decoupled_weight_decay)
         store(exp_avgs[i], exp_avg)
         store(exp_avg_sqs[i], exp_avg_sq)
         if amsgrad:
-            exp_avg_sq = torch.maximum(max_exp_avg_sqs[i].to(dtype), exp_avg_sq)
-            store(max_exp_avg_sqs[i], exp_avg_sq)
+            store(max_exp_avg_sqs[i], max_exp_avg_sq)
+        store(param, p)
 
-        step = step.to(param.device)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step).sqrt()
-        step_size = (lr_i / bias_correction1).to(dtype)
-        denom = exp_avg_sq.sqrt() / bias_correction2_sqrt.to(dtype) + eps
-        store(param, p - step_size * exp_avg / denom)
+
+def _adam_math(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+               max_exp_avg_sq: Tensor | None, step: Tensor, *, lr: float | Tensor, beta1: float,
+               beta2: float, weight_decay: float, eps: float, decoupled_weight_decay: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Adam's rule on one tensor in its compute dtype (p, grad and the states all in it; grad
+    already unscaled and signed; step already advanced, fp64): the new (p, exp_avg, exp_avg_sq,
+    max_exp_avg_sq), that last None without amsgrad."""
+    dtype = p.dtype
+    lr = _in_compute_dtype(lr, dtype, p.device)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            p = p * (1 - lr * weight_decay)
+        else:
+            grad = grad + weight_decay * p
+    exp_avg = exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+    second_moment = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq = second_moment = torch.maximum(max_exp_avg_sq, exp_avg_sq)
+    step = step.to(p.device)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step).sqrt()
+    step_size = (lr / bias_correction1).to(dtype)
+    denom = second_moment.sqrt() / bias_correction2_sqrt.to(dtype) + eps
+    return p - step_size * exp_avg / denom, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+# ---------------------------------------------------------------------------------------------
+# Lean states: optimizer states in fewer bytes, and low-precision params kept precise.
+#
+# A state is stored in its dtype (fp32, bf16, ...), or 8-bit blockwise (uint8 codes): blocks of
+# QUANT_BLOCK consecutive elements, each with its absmax a (fp32), and per element the code of
+# x / a companded by the fourth root, z = sign(x) |x / a|^(1/4), rounded to 127 steps each side
+# (signed states, code = 128 + round(127 z)) or 255 (non-negative states, code = round(255 z)).
+# The fourth root spends the 8 bits evenly in relative terms over ~9 decades (the smallest
+# non-zero code is 1/127^4 of the absmax): a block's small second moments do not collapse to 0,
+# which would turn their updates into m / eps.
+#
+# A bf16 / fp16 param is updated in one of five ways (param_mode):
+#   "nearest"     as torch does: the new value rounded to nearest (no extra state)
+#   "master"      extras[i] is an fp32 master copy; the param is the master rounded to nearest
+#   "compact"     bf16 only: extras[i] (int8) holds the rounding error of the bf16 param as a
+#                 fraction of half its ulp, in 127 steps: a 24-bit master (FlashOptim's split)
+#   "kahan"       extras[i] (the param's dtype) carries each update's rounding error into the
+#                 next (Kahan-compensated summation)
+#   "stochastic"  bf16 only: rounded up or down at random, with the probability that makes the
+#                 rounding unbiased; the random bits hash (step, tensor index, element index)
+
+QUANT_BLOCK = 256
+INV_127 = 1.0 / 127  # (rounded to fp32 where used: every backend multiplies by the fp32 value)
+INV_255 = 1.0 / 255
+
+
+def quant_blocks(numel: int) -> int:
+    """How many absmax scales a tensor of `numel` elements has as an 8-bit state."""
+    return -(-numel // QUANT_BLOCK)
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The fp32 values of an 8-bit blockwise state (codes shaped like its param)."""
+    flat = codes.reshape(-1).to(torch.float32)
+    z = (flat - 128) * INV_127 if signed else flat * INV_255
+    scale = absmax.repeat_interleave(QUANT_BLOCK)[: flat.numel()]
+    w = z * z
+    x = w * w * scale
+    return (torch.copysign(x, z) if signed else x).reshape(codes.shape)
+
+
+def quantize_blockwise(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """(codes, absmax) of fp32 values x: the inverse of dequantize_blockwise, rounded to nearest
+    (ties to even)."""
+    flat = x.reshape(-1).to(torch.float32)
+    blocks = quant_blocks(flat.numel())
+    padded = torch.nn.functional.pad(flat.abs(), (0, blocks * QUANT_BLOCK - flat.numel()))
+    absmax = padded.reshape(blocks, QUANT_BLOCK).amax(dim=1)
+    inverse = torch.where(absmax > 0, 1 / absmax, torch.zeros_like(absmax))
+    y = torch.clamp(flat.abs() * inverse.repeat_interleave(QUANT_BLOCK)[: flat.numel()], max=1)
+    z = y.sqrt().sqrt()
+    if signed:
+        q = torch.round(z * 127)
+        codes = torch.where(flat < 0, 128 - q, 128 + q)
+    else:
+        codes = torch.round(z * 255)
+    return codes.to(torch.uint8).reshape(x.shape), absmax
+
+
+def _half_ulp(p: Tensor) -> Tensor:
+    """Half the ulp of each bf16 value of p, in fp32: 2^(exponent - 8); subnormals and zeros take
+    the smallest normal exponent's."""
+    exponent_bits = p.to(torch.float32).view(torch.int32) & 0x7F800000
+    power = exponent_bits.view(torch.float32).clamp(min=2.0**-126)
+    return power * 2.0**-8
+
+
+def compact_master(p: Tensor, correction: Tensor) -> Tensor:
+    """The fp32 value of a bf16 param and its int8 correction (param_mode "compact")."""
+    return p.to(torch.float32) + correction.to(torch.float32) * INV_127 * _half_ulp(p)
+
+
+def split_compact_master(value: Tensor) -> tuple[Tensor, Tensor]:
+    """(bf16 param, int8 correction) of fp32 values: the param rounded to nearest, and its
+    rounding error in 127ths of half its ulp."""
+    p = value.to(torch.bfloat16)
+    error = (value - p.to(torch.float32)) / _half_ulp(p)
+    return p, torch.round(torch.clamp(error, -1, 1) * 127).to(torch.int8)
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (murmur3's finalizer) of int64 tensors holding uint32 values."""
+    mask = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & mask
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & mask
+    return x ^ (x >> 16)
+
+
+def stochastic_round_bf16(value: Tensor, step: Tensor, tensor_index: int) -> Tensor:
+    """fp32 values rounded to bf16 up or down at random, unbiased: 16 random bits are added to
+    the 16 bits that bf16 drops, and the sum truncated. The bits of element i hash (step,
+    tensor_index, i), so that a step is reproducible and a captured step draws anew each replay."""
+    mask = 0xFFFFFFFF
+    key = _mix32((step.to(torch.int64) + 0x9E3779B9 * (tensor_index + 1)) & mask)
+    index = torch.arange(value.numel(), device=value.device, dtype=torch.int64)
+    noise = _mix32(((index * 0x9E3779B1) & mask) ^ key.to(value.device)) & 0xFFFF
+    bits = value.reshape(-1).contiguous().view(torch.int32).to(torch.int64) & mask
+    rounded = ((bits + noise) & 0xFFFF0000).to(torch.int32)
+    return rounded.view(torch.float32).to(torch.bfloat16).reshape(value.shape)
+
+
+def load_param(param: Tensor, extra: Tensor | None, param_mode: str) -> Tensor:
+    """The value an update starts from, in fp32 (fp64 for fp64 params)."""
+    if param_mode == "master":
+        return extra.to(torch.float32)
+    if param_mode == "compact":
+        return compact_master(param, extra)
+    if param_mode == "kahan":
+        return param.to(torch.float32) + extra.to(torch.float32)
+    return param.to(_compute_dtype(param))
+
+
+def store_param(param: Tensor, extra: Tensor | None, value: Tensor, param_mode: str, store,
+                step: Tensor, tensor_index: int) -> None:
+    """Writes the updated value back as param_mode keeps it (see the section's comment)."""
+    if param_mode == "master":
+        store(extra, value)
+        store(param, value)
+    elif param_mode == "compact":
+        p, correction = split_compact_master(value)
+        store(extra, correction)
+        store(param, p)
+    elif param_mode == "kahan":
+        p = value.to(param.dtype)
+        store(extra, value - p.to(torch.float32))
+        store(param, p)
+    elif param_mode == "stochastic":
+        store(param, stochastic_round_bf16(value, step, tensor_index))
+    else:
+        store(param, value)
+
+
+def load_state(state: Tensor, absmax: Tensor | None, signed: bool, dtype: torch.dtype) -> Tensor:
+    """A state in the compute dtype: dequantized when 8-bit (absmax given)."""
+    if absmax is None:
+        return state.to(dtype)
+    return dequantize_blockwise(state, absmax, signed).to(dtype)
+
+
+def store_state(state: Tensor, absmax: Tensor | None, value: Tensor, signed: bool,
+                store) -> None:
+    if absmax is None:
+        store(state, value)
+    else:
+        codes, new_absmax = quantize_blockwise(value, signed)
+        store(state, codes)
+        store(absmax, new_absmax)
+
+
+def adam_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_absmaxes: list[Tensor],
+    exp_avg_sq_absmaxes: list[Tensor],
+    param_extras: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    param_mode: str,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One Adam / AdamW step (adam's rule, without amsgrad) with lean states: exp_avgs and
+    exp_avg_sqs in any float dtype, or 8-bit blockwise (uint8) with their absmax lists (empty
+    otherwise); the params updated per param_mode, param_extras its extra tensor per param
+    (empty for "nearest" and "stochastic"). The update uses the states at full precision; they
+    are rounded (quantized) only as they are stored. When found_inf is non-zero nothing
+    changes."""
+    store = _store_unless(found_inf)
+    quantized = bool(exp_avg_absmaxes)
+    for i, param in enumerate(params):
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        step = state_steps[i].to(torch.float64) + 1
+        store(state_steps[i], step)
+        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
+        extra = param_extras[i] if param_extras else None
+        m_absmax = exp_avg_absmaxes[i] if quantized else None
+        v_absmax = exp_avg_sq_absmaxes[i] if quantized else None
+        p, exp_avg, exp_avg_sq, _ = _adam_math(
+            load_param(param, extra, param_mode), grad,
+            load_state(exp_avgs[i], m_absmax, True, dtype),
+            load_state(exp_avg_sqs[i], v_absmax, False, dtype), None, step, lr=lr,
+            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+            decoupled_weight_decay=decoupled_weight_decay)
+        store_state(exp_avgs[i], m_absmax, exp_avg, True, store)
+        store_state(exp_avg_sqs[i], v_absmax, exp_avg_sq, False, store)
+        store_param(param, extra, p, param_mode, store, step, i)
 
 
 def lion(

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fusedopt._registry import BACKENDS
+from fusedopt.optim import _lean
 
 
 def to_float(value: float | Tensor) -> float:
@@ -24,7 +25,11 @@ except ImportError:  # a torch built without distributed
     DTensor = None
 
 
-def _local(t: Tensor) -> Tensor:
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
     """The tensor the kernels update: a DTensor's local shard (FSDP2: elementwise steps need no
     communication), a complex tensor viewed as real pairs (as torch does)."""
     if DTensor is not None and isinstance(t, DTensor):
@@ -39,7 +44,7 @@ def group_tensors(lists: list[list], elementwise: int, has_complex: bool,
                   extra_keys: list | None = None) -> dict[tuple, list[list]]:
     """Parallel lists (lists[0] the params; an empty list stays empty) split into one set per
     (device, dtype[, extra_keys[i]]) of the params. The first `elementwise` lists are shaped like
-    the params and become what the kernels update (_local); the rest (step counts) pass as they
+    the params and become what the kernels update (local_tensor); the rest (step counts) pass as they
     are. Called in step(), outside _init_group, so that torch.compile traces it."""
     params = lists[0]
     if not params:
@@ -63,7 +68,7 @@ def group_tensors(lists: list[list], elementwise: int, has_complex: bool,
             out = groups[key] = [[] for _ in lists]
         for j, lst in enumerate(lists):
             if lst:
-                out[j].append(_local(lst[i]) if j < elementwise else lst[i])
+                out[j].append(local_tensor(lst[i]) if j < elementwise else lst[i])
     return groups
 
 
@@ -134,6 +139,31 @@ class FusedOptimizer(Optimizer):
                 p_state = self.state.get(p)
                 if p_state and "step" in p_state:
                     p_state["step"] = self._step_tensor(p, p_state["step"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's, except that each state tensor keeps the dtype it was saved in: torch
+        casts them all to their param's dtype, which would turn 8-bit codes into numbers and
+        round fp32 masters and moments to bf16. The next step converts states to the format the
+        optimizer's options ask for (so a torch.optim checkpoint loads into 8-bit states, and
+        back)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                loaded = self.state[p].get(key)
+                if (key != "step" and isinstance(value, Tensor) and isinstance(loaded, Tensor)
+                        and loaded.dtype != value.dtype):
+                    self.state[p][key] = value.to(loaded.device, copy=True)
+
+    def full_precision_state_dict(self) -> dict[str, Any]:
+        """state_dict() as torch.optim keeps it, for a checkpoint that moves to torch.optim:
+        8-bit and low-precision moments in fp32, no absmax scales, master weights or
+        compensations (copy the masters into the model first to keep their precision)."""
+        out = self.state_dict()
+        out["state"] = {key: _lean.full_precision_state(state)
+                        for key, state in out["state"].items()}
+        return out
 
     @staticmethod
     def _step_tensor(param: Tensor, value: float | Tensor = 0.0) -> Tensor:

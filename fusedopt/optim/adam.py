@@ -8,7 +8,15 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
-from fusedopt.optim._base import FusedOptimizer, group_tensors, params_with_grads, to_float
+from fusedopt.optim import _lean
+from fusedopt.optim._base import (
+    FusedOptimizer,
+    group_tensors,
+    is_dtensor,
+    local_tensor,
+    params_with_grads,
+    to_float,
+)
 
 
 class Adam(FusedOptimizer):
@@ -32,8 +40,18 @@ class Adam(FusedOptimizer):
     every group) to it inside the step, as torch.nn.utils.clip_grad_norm_ before step() would
     (the grads are left clipped, as that leaves them); None (the default) does not clip.
 
+    Lean states (fusedopt.optim._lean; not with amsgrad; per group):
+    state_dtype: None (the param's dtype, as torch), torch.float32, torch.bfloat16, torch.float16
+    or torch.uint8 (8-bit blockwise moments; tensors under 4096 elements keep fp32 ones).
+    For bf16 / fp16 params, at most one of: master_weights=True (an fp32 master copy in the
+    state) or "compact" (bf16 only: an int8 correction, a 24-bit master);
+    kahan_summation=True (each update's rounding error carried into the next);
+    stochastic_rounding=True (bf16 only: unbiased random rounding, no extra state).
+
     State per param, as torch's: "step" (float32 scalar tensor on the param's device),
-    "exp_avg", "exp_avg_sq" and, with amsgrad, "max_exp_avg_sq" (the param's dtype and layout).
+    "exp_avg", "exp_avg_sq" and, with amsgrad, "max_exp_avg_sq" (the param's dtype and layout);
+    the lean options add theirs (see fusedopt.optim._lean). full_precision_state_dict() exports
+    them as torch.optim.Adam keeps them.
     """
 
     def __init__(
@@ -52,8 +70,18 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool | str = False,
+        kahan_summation: bool = False,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
     ) -> None:
+        _lean.check_options(state_dtype, master_weights, kahan_summation, stochastic_rounding)
+        lean = dict(state_dtype=state_dtype, master_weights=master_weights,
+                    kahan_summation=kahan_summation, stochastic_rounding=stochastic_rounding)
+        if amsgrad and _lean.is_lean(lean):
+            raise ValueError("amsgrad is not supported with state_dtype, master_weights, "
+                             "kahan_summation or stochastic_rounding")
         # torch.optim.Adam's checks, messages and exception types.
         if isinstance(lr, Tensor):
             if foreach and not capturable:
@@ -89,6 +117,7 @@ class Adam(FusedOptimizer):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
+            **lean,
             backend=backend,
         )
         super().__init__(params, defaults, max_grad_norm)
@@ -127,6 +156,9 @@ class Adam(FusedOptimizer):
         loss = self._evaluate(closure)
         amp = self._amp_args()
         for group in self.param_groups:
+            if _lean.is_lean(group):
+                self._lean_step(group, amp)
+                continue
             lists: list[list[Tensor]] = [[], [], [], [], [], []]
             has_complex = self._init_group(group, *lists)
             beta1, beta2 = group["betas"]
@@ -145,6 +177,51 @@ class Adam(FusedOptimizer):
                     **amp,
                 )
         return loss
+
+    def _lean_step(self, group: dict[str, Any], amp: dict[str, Tensor | None]) -> None:
+        """One step of a group with lean options: one adam_lean call per (device, param dtype,
+        moment dtype, param_mode); params whose states are as torch keeps them take adam."""
+        if group["amsgrad"]:
+            raise ValueError("amsgrad is not supported with state_dtype, master_weights, "
+                             "kahan_summation or stochastic_rounding")
+        sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+        batches: dict[tuple, list[list[Tensor]]] = {}
+        for p, grad in params_with_grads(group, sparse_error):
+            if p.is_complex():
+                raise ValueError("fusedopt.Adam: lean states do not support complex params")
+            state = self.state[p]
+            mode = _lean.param_mode(group, p)
+            dtype = _lean.moment_dtype(group, p)
+            if dtype == torch.uint8 and is_dtensor(p):
+                raise NotImplementedError("fusedopt.Adam: 8-bit states of DTensor (FSDP2) "
+                                          "params are not supported yet")
+            if "step" not in state:
+                state["step"] = self._step_tensor(p)
+            for key in ("exp_avg", "exp_avg_sq"):
+                _lean.conform_moment(state, key, p, dtype)
+            extra = _lean.conform_param_extra(state, p, mode)
+            quantized = dtype == torch.uint8
+            row = [p, grad, state["exp_avg"], state["exp_avg_sq"],
+                   state["exp_avg_absmax"] if quantized else None,
+                   state["exp_avg_sq_absmax"] if quantized else None, extra, state["step"]]
+            lists = batches.setdefault((p.device, p.dtype, dtype, mode), [[] for _ in row])
+            for column, t in zip(lists[:-1], row[:-1]):
+                if t is not None:
+                    column.append(local_tensor(t))
+            lists[-1].append(state["step"])
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2,
+                     weight_decay=group["weight_decay"], eps=group["eps"],
+                     maximize=group["maximize"],
+                     decoupled_weight_decay=group["decoupled_weight_decay"],
+                     backend=group["backend"], **amp)
+        for (_, param_dtype, dtype, mode), lists in batches.items():
+            if mode == "nearest" and dtype == param_dtype:  # as torch keeps them
+                params, grads, exp_avgs, exp_avg_sqs, _, _, _, steps = lists
+                functional.adam(params, grads, exp_avgs, exp_avg_sqs, [], steps,
+                                amsgrad=False, **hyper)
+            else:
+                functional.adam_lean(*lists, param_mode=mode, **hyper)
 
 
 class AdamW(Adam):
@@ -166,6 +243,10 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool | str = False,
+        kahan_summation: bool = False,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -182,6 +263,10 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             max_grad_norm=max_grad_norm,
+            state_dtype=state_dtype,
+            master_weights=master_weights,
+            kahan_summation=kahan_summation,
+            stochastic_rounding=stochastic_rounding,
             backend=backend,
         )
 

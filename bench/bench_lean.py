@@ -1,0 +1,171 @@
+"""AdamW with lean states on the 25M-param workload, in one run: each mode's step time, the
+bytes it moves and keeps per param, against torch's fused fp32 AdamW and bitsandbytes' AdamW8bit.
+
+Modes (fusedopt.AdamW options; bf16 modes get bf16 params and grads):
+  fp32 params: fp32 moments; state_dtype=torch.bfloat16; state_dtype=torch.uint8
+  bf16 params: bf16 moments (as torch keeps them); master_weights=True with fp32 or 8-bit
+    moments; master_weights="compact" with bf16 or 8-bit moments; kahan_summation and
+    stochastic_rounding with bf16 moments.
+Peers: torch.optim.AdamW(fused=True) on fp32 params (the baseline) and on bf16 params;
+bitsandbytes.optim.AdamW8bit (its CPU backend) where it installs.
+
+"state" is what the optimizer owns beyond the param and grad: every tensor in its state but
+the step counts (moments, scales, masters, corrections). "moved" is the bytes one step reads and
+writes per param by the format (say, fp32 params with 8-bit moments: p read+written 8, g 4,
+codes read+written 4); GB/s divides that by the step time, and the bandwidth it is compared with
+is measured in the same run (bench_optim.bandwidth_probe, 3 fp32 streams read+written, 1 read).
+
+    python bench/bench_lean.py [--rounds 5]
+Writes a table to the terminal, and JSON + Markdown under bench/results/<machine>/lean.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import _report
+import torch
+from bench_optim import bandwidth_probe, timer, workload_shapes
+
+import fusedopt
+
+KW = dict(lr=1e-3, weight_decay=1e-2)
+U8, BF16, FP32 = torch.uint8, torch.bfloat16, torch.float32
+
+# name: (param dtype, bytes moved per param, make(params) -> optimizer)
+MODES = {
+    "torch fused fp32": (FP32, 28, lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
+    "fusedopt fp32": (FP32, 28, lambda ps: fusedopt.AdamW(ps, **KW)),
+    "fusedopt fp32, bf16 moments": (FP32, 20, lambda ps: fusedopt.AdamW(
+        ps, **KW, state_dtype=BF16)),
+    "fusedopt fp32, 8-bit moments": (FP32, 16, lambda ps: fusedopt.AdamW(
+        ps, **KW, state_dtype=U8)),
+    "bitsandbytes AdamW8bit fp32": (FP32, 16, None),  # filled in when it imports
+    "torch fused bf16": (BF16, 14, lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
+    "fusedopt bf16": (BF16, 14, lambda ps: fusedopt.AdamW(ps, **KW)),
+    "fusedopt bf16, fp32 master, fp32 moments": (BF16, 28, lambda ps: fusedopt.AdamW(
+        ps, **KW, master_weights=True, state_dtype=FP32)),
+    "fusedopt bf16, fp32 master, 8-bit moments": (BF16, 16, lambda ps: fusedopt.AdamW(
+        ps, **KW, master_weights=True, state_dtype=U8)),
+    "fusedopt bf16, compact master, bf16 moments": (BF16, 16, lambda ps: fusedopt.AdamW(
+        ps, **KW, master_weights="compact", state_dtype=BF16)),
+    "fusedopt bf16, compact master, 8-bit moments": (BF16, 12, lambda ps: fusedopt.AdamW(
+        ps, **KW, master_weights="compact", state_dtype=U8)),
+    "fusedopt bf16, Kahan, bf16 moments": (BF16, 18, lambda ps: fusedopt.AdamW(
+        ps, **KW, kahan_summation=True)),
+    "fusedopt bf16, stochastic rounding, bf16 moments": (BF16, 14, lambda ps: fusedopt.AdamW(
+        ps, **KW, stochastic_rounding=True)),
+}
+
+
+def bitsandbytes_adamw8bit():
+    try:
+        import bitsandbytes
+
+        probe = [torch.nn.Parameter(torch.zeros(8192))]
+        probe[0].grad = torch.ones(8192)
+        bitsandbytes.optim.AdamW8bit(probe, **KW).step()
+    except Exception as error:  # noqa: BLE001 - not installed, or no CPU backend
+        print(f"# bitsandbytes not measured: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+    return lambda ps: bitsandbytes.optim.AdamW8bit(ps, **KW)
+
+
+def make_params(shapes, dtype: torch.dtype) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
+        p.grad = (torch.randn(shape, generator=generator) * 1e-2).to(dtype)
+        params.append(p)
+    return params
+
+
+def owned_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor the optimizer's state holds, step counts aside."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for key, value in state.items() if torch.is_tensor(value) and key != "step")
+
+
+def run(rounds: int) -> dict[str, object]:
+    shapes = workload_shapes("large")
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    modes = dict(MODES)
+    peer = bitsandbytes_adamw8bit()
+    if peer is None:
+        del modes["bitsandbytes AdamW8bit fp32"]
+    else:
+        modes["bitsandbytes AdamW8bit fp32"] = (FP32, 16, peer)
+    probe_name, probe, probe_bytes = bandwidth_probe("cpu", numel, 28)
+    measure = timer("cpu")
+    optimizers = {name: make(make_params(shapes, dtype))
+                  for name, (dtype, _, make) in modes.items()}
+    for step in [o.step for o in optimizers.values()] + [probe]:  # state, first touch
+        step()
+        step()
+    samples: dict[str, list[float]] = {name: [] for name in [*optimizers, "bandwidth"]}
+    for _ in range(rounds):  # interleaved: every mode sees the same machine conditions
+        samples["bandwidth"].append(measure(probe, 5))
+        for name, opt in optimizers.items():
+            samples[name].append(measure(opt.step, 1 if name.startswith("bitsandbytes") else 5))
+    bandwidth = probe_bytes / statistics.median(samples["bandwidth"]) / 1e9
+    medians = {name: statistics.median(samples[name]) for name in optimizers}
+    baseline = medians["torch fused fp32"]
+    baseline_state = owned_bytes(optimizers["torch fused fp32"])
+    bnb = medians.get("bitsandbytes AdamW8bit fp32")
+    rows = {}
+    for name, seconds in medians.items():
+        dtype, moved, _ = modes[name]
+        state = owned_bytes(optimizers[name])
+        rows[name] = {
+            "param_dtype": str(dtype).replace("torch.", ""), "ms": seconds * 1e3,
+            "time_vs_torch_fused_fp32": seconds / baseline,
+            "time_vs_bitsandbytes_8bit": seconds / bnb if bnb else None,
+            "state_MB": state / 1e6, "state_vs_torch_fused_fp32": state / baseline_state,
+            "state_B_per_param": state / numel, "moved_B_per_param": moved,
+            "GBps": moved * numel / seconds / 1e9,
+            "pct_bandwidth": 100 * moved * numel / seconds / 1e9 / bandwidth,
+            "ms_samples": [s * 1e3 for s in samples[name]]}
+    return {"machine": _report.machine("cpu"),
+            "results": {"adamw lean": {"tensors": len(shapes), "params": numel,
+                                       "bandwidth_GBps": bandwidth,
+                                       "bandwidth_probe": probe_name, "rows": rows}}}
+
+
+def markdown(report: dict[str, object]) -> str:
+    result = report["results"]["adamw lean"]
+    lines = _report.header(report["machine"])
+    lines += [f"**AdamW, lean states**: {result['tensors']} tensors, {result['params']:,} params. "
+              f"Measured bandwidth {result['bandwidth_GBps']:.1f} GB/s "
+              f"({result['bandwidth_probe']}).", "",
+              "| mode | params | ms/step | time / torch fused fp32 | time / bnb AdamW8bit | "
+              "state MB | state / torch's | state B/param | moved B/param | GB/s | "
+              "% of bandwidth |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in result["rows"].items():
+        bnb = row["time_vs_bitsandbytes_8bit"]
+        lines.append(
+            f"| {name} | {row['param_dtype']} | {row['ms']:.2f} | "
+            f"{row['time_vs_torch_fused_fp32']:.2f} | {'' if bnb is None else f'{bnb:.3f}'} | "
+            f"{row['state_MB']:.1f} | {row['state_vs_torch_fused_fp32']:.2f} | "
+            f"{row['state_B_per_param']:.2f} | {row['moved_B_per_param']} | "
+            f"{row['GBps']:.1f} | {row['pct_bandwidth']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=None,
+                        help="results file stem (default: bench/results/<machine>/lean)")
+    args = parser.parse_args()
+    report = run(args.rounds)
+    text = markdown(report)
+    print(text)
+    _report.write(args.out or _report.results_dir("cpu") / "lean", report, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+// The lean-state step driver of the CPU optimizers: states stored in fewer bytes (bf16, or 8-bit
+// blockwise) and bf16 / fp16 params kept precise (an fp32 master, a compact master, Kahan
+// compensation, stochastic rounding). The formats are fusedopt/reference.py's "Lean states"
+// section, which is their specification; every stream here is read and written through a codec
+// that decodes it to fp32 and encodes it back, so an algorithm's math stays the one lambda it
+// runs with for_each_step.
+#pragma once
+
+#include <c10/util/bit_cast.h>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstring>
+
+#include "multi_tensor.h"
+
+namespace fusedopt::cpu::lean {
+
+// Elements per absmax scale of an 8-bit state (reference.QUANT_BLOCK); a multiple of kVecStep, and
+// chunks (kChunkElements) are whole blocks, so a block never spans two threads.
+constexpr int64_t kQuantBlock = 256;
+static_assert(kChunkElements % kQuantBlock == 0 && kQuantBlock % kVecStep == 0);
+
+constexpr float kInv127 = static_cast<float>(1.0 / 127);
+constexpr float kInv255 = static_cast<float>(1.0 / 255);
+
+// kVecStep small integers (uint8 or int8 codes) as two fp32 vectors; `count` fewer are zeros.
+template <typename code_t>
+FUSEDOPT_INLINE void load_codes(const code_t* src, int64_t count, Vec& lo, Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (count == kVecStep) {
+    const auto widen = [](const code_t* p) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return std::is_signed_v<code_t> ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+    };
+    lo = _mm512_cvtepi32_ps(widen(src));
+    hi = _mm512_cvtepi32_ps(widen(src + 16));
+    return;
+  }
+#endif
+  alignas(64) float wide[kVecStep] = {};
+  for (int64_t j = 0; j < count; ++j) wide[j] = static_cast<float>(src[j]);
+  lo = Vec::loadu(wide);
+  hi = Vec::loadu(wide + Vec::size());
+}
+
+// fp32 values, already clamped to the code's range, rounded to nearest (ties to even) into codes.
+// (uint8 codes saturate at 0 and 255.)
+template <typename code_t>
+FUSEDOPT_INLINE void store_codes(code_t* dst, int64_t count, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (count == kVecStep) {
+    // cvtps rounds as MXCSR says: to nearest even unless someone changed it.
+    const auto narrow = [](const Vec& v) {
+      const __m512i wide = _mm512_cvtps_epi32(v);
+      return std::is_signed_v<code_t> ? _mm512_cvtsepi32_epi8(wide) : _mm512_cvtusepi32_epi8(wide);
+    };
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), narrow(lo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), narrow(hi));
+    return;
+  }
+#endif
+  alignas(64) float wide[kVecStep];
+  lo.store(wide);
+  hi.store(wide + Vec::size());
+  constexpr float kMin = std::is_signed_v<code_t> ? -128.0f : 0.0f;
+  constexpr float kMax = std::is_signed_v<code_t> ? 127.0f : 255.0f;
+  for (int64_t j = 0; j < count; ++j) {
+    dst[j] = static_cast<code_t>(std::nearbyint(std::clamp(wide[j], kMin, kMax)));
+  }
+}
+
+// sqrt(x) and a / b for the 8-bit step: with AVX-512, from the hardware's ~14-bit estimates and
+// one Newton step (within a few ulp of the correctly rounded results, far below the 8-bit
+// states' own error), at a fraction of the cost of vsqrtps and vdivps, which dominated the step.
+FUSEDOPT_INLINE Vec sqrt_estimate(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 r = _mm512_rsqrt14_ps(x);
+  const __m512 half_x_r = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), r);
+  // r * (1.5 - 0.5 x r^2), then x * r; exact zeros stay zero (x * rsqrt(0) would be NaN).
+  const __m512 refined = _mm512_mul_ps(r, _mm512_fnmadd_ps(half_x_r, r, _mm512_set1_ps(1.5f)));
+  const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+  return _mm512_maskz_mul_ps(positive, x, refined);
+#else
+  return x.sqrt();
+#endif
+}
+
+FUSEDOPT_INLINE Vec divide_estimate(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 r = _mm512_rcp14_ps(b);
+  const __m512 refined = _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.0f)));
+  return _mm512_mul_ps(a, refined);
+#else
+  return a / b;
+#endif
+}
+
+// y^(1/4) for y in [0, 255^4]. With AVX-512, as two square roots y * rsqrt(y) from the ~14-bit
+// reciprocal-square-root estimate: the result is within ~1e-4 (relative) of the root, so under 1%
+// of codes round to the neighbour of the reference's (which takes exact roots), at a quarter of
+// the cost of two exact square roots (the 8-bit step is compute-bound).
+FUSEDOPT_INLINE Vec fourth_root(const Vec& y) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // y + 2^-100: rsqrt(0) would be inf, and 0 * inf NaN; the offset's fourth root, 2^-25, is far
+  // below half a step.
+  const __m512 x = _mm512_add_ps(y, _mm512_set1_ps(0x1p-100f));
+  const __m512 root = _mm512_mul_ps(x, _mm512_rsqrt14_ps(x));
+  return _mm512_mul_ps(root, _mm512_rsqrt14_ps(root));
+#else
+  return y.sqrt().sqrt();
+#endif
+}
+
+// A stream stored in its own dtype (fp32, bf16, fp16), rounded to nearest.
+template <typename scalar_t>
+struct PlainStream {
+  scalar_t* data;
+  FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
+    load_float(data + i, n, lo, hi);
+  }
+  FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
+    store_float(data + i, n, lo, hi);
+  }
+  void end_block(int64_t, int64_t) {}
+};
+
+// max(acc, |x|) lane by lane. AVX-512's plain max: a NaN state is lost from the block's absmax
+// rather than spread over the block (the NaN element itself still encodes as a garbage code).
+FUSEDOPT_INLINE Vec max_abs(const Vec& acc, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(acc, x.abs());
+#else
+  return at::vec::maximum(acc, x.abs());
+#endif
+}
+
+// An 8-bit blockwise state (kSigned: exp_avg's code, 128 + round(127 z); else exp_avg_sq's,
+// round(255 z); z = sign(x) |x / absmax|^(1/4)). Values are decoded with the block's stored
+// absmax; a block's new values wait in `pending` (L1) until the block ends and its new absmax
+// (gathered as they are stored) is known, and are encoded then.
+template <bool kSigned>
+struct BlockwiseStream {
+  // The code's steps from 0 to the absmax: 127 each side of 128, or 255.
+  static constexpr float kLevels = kSigned ? 127.0f : 255.0f;
+  uint8_t* codes;
+  float* absmax;
+  float scale = 0;  // the block's stored absmax / kLevels^4
+  Vec new_absmax = Vec(0.0f);
+  alignas(64) float pending[kQuantBlock];
+
+  FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) {
+    if (i % kQuantBlock == 0) {
+      const float levels_squared = kLevels * kLevels;
+      scale = absmax[i / kQuantBlock] / (levels_squared * levels_squared);
+      new_absmax = Vec(0.0f);
+    }
+    load_codes(codes + i, n, lo, hi);
+    lo = decode(lo);
+    hi = decode(hi);
+  }
+  // x = sign(d) d^4 * absmax / kLevels^4 with d the code's steps from zero: the reference's
+  // ((d / kLevels)^2)^2 * absmax up to rounding (a few ulp).
+  FUSEDOPT_INLINE Vec decode(const Vec& code) const {
+    const Vec d = kSigned ? code - Vec(128.0f) : code;
+    const Vec w = d * d;
+    const Vec x = w * w * Vec(scale);
+    return kSigned ? x | (d & Vec(-0.0f)) : x;
+  }
+  FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) {
+    float* dst = pending + i % kQuantBlock;
+    if (n == kVecStep) {
+      lo.store(dst);
+      hi.store(dst + Vec::size());
+      gather_absmax(lo, hi);
+    } else {
+      // The lanes past n hold whatever the update made of the padding (a signed code 0 decodes
+      // to -absmax): only the stored ones count.
+      store_float(dst, n, lo, hi);
+      Vec stored_lo, stored_hi;
+      load_float(dst, n, stored_lo, stored_hi);
+      gather_absmax(stored_lo, stored_hi);
+    }
+  }
+  FUSEDOPT_INLINE void gather_absmax(const Vec& lo, const Vec& hi) {
+    new_absmax = kSigned ? max_abs(max_abs(new_absmax, lo), hi)
+                         : at::vec::maximum(at::vec::maximum(new_absmax, lo), hi);
+  }
+  // Encodes the block [begin, begin + n) from `pending`.
+  FUSEDOPT_INLINE void end_block(int64_t begin, int64_t n) {
+    const float block_max = at::vec::vec_reduce_all<float>(
+        [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, new_absmax);
+    absmax[begin / kQuantBlock] = block_max;
+    // kLevels^4 / absmax: the fourth root of |x| times it is the code's steps from zero.
+    const float levels_squared = kLevels * kLevels;
+    const Vec to_steps(block_max > 0 ? levels_squared * levels_squared / block_max : 0.0f);
+    for (int64_t j = 0; j < n; j += kVecStep) {
+      const int64_t count = std::min<int64_t>(kVecStep, n - j);
+      Vec lo, hi;
+      load_float(pending + j, count, lo, hi);
+      store_codes(codes + begin + j, count, encode(lo, to_steps), encode(hi, to_steps));
+    }
+  }
+  // The code of x as an fp32 value, unrounded (store_codes rounds it, saturating at 255).
+  FUSEDOPT_INLINE static Vec encode(const Vec& x, const Vec& to_steps) {
+    if constexpr (kSigned) {
+      const Vec steps = fourth_root(x.abs() * to_steps);
+      return Vec(128.0f) + (steps | (x & Vec(-0.0f)));
+    } else {
+      return fourth_root(x * to_steps);
+    }
+  }
+};
+
+// A bf16 / fp16 param with an fp32 master copy: the update reads the master and writes both.
+template <typename scalar_t>
+struct MasterParam {
+  scalar_t* param;
+  float* master;
+  FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
+    load_float(master + i, n, lo, hi);
+  }
+  FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
+    store_float(master + i, n, lo, hi);
+    store_float(param + i, n, lo, hi);
+  }
+  void end_block(int64_t, int64_t) {}
+};
+
+// Half the ulp of bf16 values (held exactly in fp32): 2^(exponent - 8), subnormals and zeros at
+// the smallest normal exponent (reference._half_ulp).
+FUSEDOPT_INLINE Vec half_ulp(const Vec& p) {
+  const Vec exponent_bits = p & Vec(c10::bit_cast<float>(0x7F800000u));
+  return at::vec::maximum(exponent_bits, Vec(0x1p-126f)) * Vec(0x1p-8f);
+}
+
+// A bf16 param plus an int8 correction: its rounding error in 127ths of half its ulp (param_mode
+// "compact", a 24-bit master).
+struct CompactParam {
+  c10::BFloat16* param;
+  int8_t* correction;
+  FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
+    Vec p_lo, p_hi;
+    load_float(param + i, n, p_lo, p_hi);
+    load_codes(correction + i, n, lo, hi);
+    lo = p_lo + lo * Vec(kInv127) * half_ulp(p_lo);
+    hi = p_hi + hi * Vec(kInv127) * half_ulp(p_hi);
+  }
+  FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
+    const auto packed = pack_float<c10::BFloat16>(lo, hi);
+    auto [p_lo, p_hi] = at::vec::convert_to_float<c10::BFloat16>(packed);
+    store_float(param + i, n, p_lo, p_hi);
+    store_codes(correction + i, n, error_code(lo, p_lo), error_code(hi, p_hi));
+  }
+  FUSEDOPT_INLINE static Vec error_code(const Vec& value, const Vec& p) {
+    const Vec error = (value - p) / half_ulp(p);
+    return at::vec::clamp(error, Vec(-1.0f), Vec(1.0f)) * Vec(127.0f);
+  }
+  void end_block(int64_t, int64_t) {}
+};
+
+// A bf16 / fp16 param whose rounding error is carried, in a buffer of its dtype, into the next
+// update (Kahan-compensated summation).
+template <typename scalar_t>
+struct KahanParam {
+  scalar_t* param;
+  scalar_t* compensation;
+  FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
+    Vec c_lo, c_hi;
+    load_float(param + i, n, lo, hi);
+    load_float(compensation + i, n, c_lo, c_hi);
+    lo = lo + c_lo;
+    hi = hi + c_hi;
+  }
+  FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
+    const auto packed = pack_float<scalar_t>(lo, hi);
+    auto [p_lo, p_hi] = at::vec::convert_to_float<scalar_t>(packed);
+    store_float(param + i, n, p_lo, p_hi);
+    store_float(compensation + i, n, lo - p_lo, hi - p_hi);
+  }
+  void end_block(int64_t, int64_t) {}
+};
+
+// murmur3's 32-bit finalizer (reference._mix32).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+// The per-tensor key of stochastic rounding's random bits (reference.stochastic_round_bf16).
+inline uint32_t stochastic_key(double step, int64_t tensor_index) {
+  return mix32(static_cast<uint32_t>(static_cast<int64_t>(step)) +
+               0x9E3779B9u * static_cast<uint32_t>(tensor_index + 1));
+}
+
+// A bf16 param rounded up or down at random, unbiased (param_mode "stochastic").
+struct StochasticParam {
+  c10::BFloat16* param;
+  uint32_t key;
+  FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
+    load_float(param + i, n, lo, hi);
+  }
+  void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
+    alignas(64) float value[kVecStep];
+    lo.store(value);
+    hi.store(value + Vec::size());
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t noise = mix32(static_cast<uint32_t>(i + j) * 0x9E3779B1u ^ key) & 0xFFFFu;
+      const uint32_t bits = (c10::bit_cast<uint32_t>(value[j]) + noise) >> 16;
+      uint16_t half = static_cast<uint16_t>(bits);
+      std::memcpy(&param[i + j], &half, sizeof(half));
+    }
+  }
+  void end_block(int64_t, int64_t) {}
+};
+
+// update(p, g, s[0], ..., s[K - 1]).
+template <typename UpdateFn, size_t... K>
+FUSEDOPT_INLINE void apply_update(const UpdateFn& update, Vec& p, Vec& g, Vec* s,
+                                  std::index_sequence<K...>) {
+  update(p, g, s[K]...);
+}
+
+// The lean twin of for_each_step: runs update(p, g, s_1, ..., s_k) (in place, fp32 vectors) over
+// elements [begin, end) of one tensor, kVecStep elements at a time. [begin, end) is a whole number
+// of kQuantBlock blocks from the tensor's start, or runs up to its end. The param is read and
+// written through its codec, the grad is loaded (and, when unscale.active, unscaled and stored
+// back) and each state goes through its codec; after each block every state codec's end_block
+// runs (where 8-bit states are encoded).
+template <typename scalar_t, typename ParamCodec, typename UpdateFn, typename... StateCodecs>
+FUSEDOPT_INLINE void for_each_lean_step(int64_t begin, int64_t end, const GradUnscale& unscale,
+                                        const UpdateFn& update, ParamCodec& param,
+                                        scalar_t* grad, StateCodecs&... states) {
+  constexpr size_t kStates = sizeof...(StateCodecs);
+  const bool unscale_grad = unscale.active;
+  const Vec grad_scale(static_cast<float>(unscale.scale));
+  for (int64_t block = begin; block < end; block += kQuantBlock) {
+    const int64_t block_end = std::min(block + kQuantBlock, end);
+    for (int64_t i = block; i < block_end; i += kVecStep) {
+      const int64_t n = std::min(kVecStep, block_end - i);
+      Vec p_lo, p_hi, g_lo, g_hi, s_lo[kStates], s_hi[kStates];
+      param.load(i, n, p_lo, p_hi);
+      load_float(grad + i, n, g_lo, g_hi);
+      if (unscale_grad) {
+        g_lo = g_lo / grad_scale;
+        g_hi = g_hi / grad_scale;
+        store_float(grad + i, n, g_lo, g_hi);
+      }
+      size_t k = 0;
+      ((states.load(i, n, s_lo[k], s_hi[k]), ++k), ...);
+      apply_update(update, p_lo, g_lo, s_lo, std::make_index_sequence<kStates>{});
+      apply_update(update, p_hi, g_hi, s_hi, std::make_index_sequence<kStates>{});
+      param.store(i, n, p_lo, p_hi);
+      k = 0;
+      ((states.store(i, n, s_lo[k], s_hi[k]), ++k), ...);
+    }
+    (states.end_block(block, block_end - block), ...);
+  }
+}
+
+}  // namespace fusedopt::cpu::lean

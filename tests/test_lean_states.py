@@ -1,0 +1,421 @@
+"""Lean states (fusedopt.optim._lean, reference.adam_lean, the adam_lean_ op): the formats
+against their definitions, every backend against the reference, the optimizer against fp64
+torch and fp32 runs, checkpoints, and errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import cpu_backend_params
+
+import fusedopt
+from fusedopt import functional, reference
+
+# Every CPU backend that runs adam_lean here (the C++ one when built; Triton has no lean kernel).
+LEAN_BACKENDS = [b for b in cpu_backend_params() if b.values[0] != "triton"]
+SIZES = (1, 255, 257, 4097, 2 * 16384 + 300)  # a partial block, two chunks and a tail
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def wide_values(n: int, seed: int) -> torch.Tensor:
+    """Values spread over ~6 decades, as a block's moments are."""
+    g = generator(seed)
+    return torch.randn(n, generator=g) * torch.exp(2 * torch.randn(n, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# The formats
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", SIZES)
+def test_blockwise_codes_are_the_nearest_fourth_root_steps(signed, n):
+    x = wide_values(n, n)
+    x = x if signed else x.abs()
+    codes, absmax = reference.quantize_blockwise(x, signed)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert absmax.shape == (reference.quant_blocks(n),)
+    blocks = torch.nn.functional.pad(x.abs(), (0, absmax.numel() * 256 - n)).reshape(-1, 256)
+    assert torch.equal(absmax, blocks.amax(1))
+    decoded = reference.dequantize_blockwise(codes, absmax, signed)
+    # In the companded space z = sign(x) |x / absmax|^(1/4) the code is the nearest step.
+    scale = absmax.repeat_interleave(256)[:n]
+    levels = 127 if signed else 255
+    z = torch.sign(x) * (x.abs() / scale).pow(0.25)
+    z_decoded = torch.sign(decoded) * (decoded.abs() / scale).pow(0.25)
+    assert (z - z_decoded).abs().max() <= 0.5 / levels + 1e-5
+    # Each block's largest value is exact, and decoding then encoding changes nothing.
+    assert torch.equal(reference.quantize_blockwise(decoded, signed)[0], codes)
+
+
+def test_zero_states_decode_to_zero():
+    codes, absmax = reference.quantize_blockwise(torch.zeros(1000), True)
+    assert torch.equal(codes, torch.full((1000,), 128, dtype=torch.uint8))
+    assert torch.equal(reference.dequantize_blockwise(codes, absmax, True), torch.zeros(1000))
+
+
+def test_compact_master_error_is_under_a_254th_of_the_bf16_ulp():
+    """The stated bound: |master - value| <= ulp(bf16 param) / 254 / 2 (half a step of 127 per
+    half ulp), about 2^-16 of the value where bf16's own rounding is 2^-9."""
+    value = wide_values(100_000, 1)
+    p, correction = reference.split_compact_master(value)
+    assert p.dtype == torch.bfloat16 and correction.dtype == torch.int8
+    master = reference.compact_master(p, correction)
+    half_ulp = reference._half_ulp(p)
+    assert ((master - value).abs() <= half_ulp / 254 * 1.001).all()
+    assert ((master - value).abs() / value.abs()).max() < 2**-15
+    assert ((p.float() - value).abs() / value.abs()).max() > 2**-10  # bf16 alone is far worse
+
+
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
+    value = torch.full((4096,), 1.0 + 3 * 2**-10)  # between bf16 1.0 and 1.0078125
+    draws = torch.stack([reference.stochastic_round_bf16(value, torch.tensor(float(step)), 0)
+                         for step in range(64)]).float()
+    assert set(draws.unique().tolist()) == {1.0, 1.0078125}
+    # The mean of 262144 draws: its standard error is ~0.0039 * 0.5 / 512.
+    assert abs(draws.mean().item() - value[0].item()) < 2e-5
+    # Another step, another tensor index: other draws.
+    assert not torch.equal(reference.stochastic_round_bf16(value, torch.tensor(1.0), 0),
+                           reference.stochastic_round_bf16(value, torch.tensor(1.0), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: every backend against the reference
+
+MODES = [  # (param dtype, moment dtype, param_mode)
+    (torch.float32, torch.uint8, "nearest"),
+    (torch.float32, torch.bfloat16, "nearest"),
+    (torch.bfloat16, torch.float32, "master"),
+    (torch.bfloat16, torch.uint8, "master"),
+    (torch.float16, torch.float32, "master"),
+    (torch.bfloat16, torch.uint8, "compact"),
+    (torch.bfloat16, torch.bfloat16, "compact"),
+    (torch.bfloat16, torch.bfloat16, "kahan"),
+    (torch.float16, torch.float16, "kahan"),
+    (torch.bfloat16, torch.float32, "stochastic"),
+    (torch.bfloat16, torch.uint8, "nearest"),
+]
+
+
+def lean_inputs(param_dtype, moment_dtype, mode, seed=0):
+    """Op arguments with states as a few Adam steps leave them (8-bit ones quantized)."""
+    g = generator(seed)
+    lists = [[] for _ in range(8)]
+    for i, n in enumerate(SIZES):
+        value = torch.randn(n, generator=g)
+        m = torch.randn(n, generator=g) * 1e-2 * torch.exp(torch.randn(n, generator=g))
+        v = m * m * torch.exp(torch.randn(n, generator=g)) + 1e-8
+        p = value.to(param_dtype)
+        row = [p, torch.randn(n, generator=g).to(param_dtype)]
+        if moment_dtype == torch.uint8:
+            (mq, ma), (vq, va) = (reference.quantize_blockwise(m, True),
+                                  reference.quantize_blockwise(v, False))
+            row += [mq, vq, ma, va]
+        else:
+            row += [m.to(moment_dtype), v.to(moment_dtype), None, None]
+        extra = {"master": value + 1e-3 * torch.randn(n, generator=g),
+                 "compact": torch.randint(-127, 128, (n,), generator=g, dtype=torch.int8),
+                 "kahan": (value - p.float()).to(param_dtype)}.get(mode)
+        row += [extra, torch.tensor(float(i + 2))]
+        for column, t in zip(lists, row):
+            if t is not None:
+                column.append(t)
+    return lists
+
+
+HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, maximize=False,
+             decoupled_weight_decay=True)
+
+
+def assert_lean_close(ours, theirs, quantized_tolerance=0.02):
+    """Floats within a few ulp of their dtype; 8-bit codes and int8 corrections within one step,
+    and at most `quantized_tolerance` of them off by one (the C++ kernel's fourth root is within
+    ~1e-4 of exact; the reference's is exact)."""
+    for column_ours, column_theirs in zip(ours, theirs):
+        for a, b in zip(column_ours, column_theirs):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            if a.dtype in (torch.uint8, torch.int8):
+                off = (a.int() - b.int()).abs()
+                assert off.max() <= 1 and off.float().mean() <= quantized_tolerance
+            else:
+                ulp = torch.finfo(a.dtype).eps
+                torch.testing.assert_close(a.double(), b.double(), rtol=4 * ulp,
+                                           atol=4 * ulp * b.double().abs().max().item() + 1e-30)
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
+                         ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
+def test_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, mode):
+    """One step from states as training leaves them (a second would start from 8-bit states
+    that differ by a code here and there, and multiply that difference by lr)."""
+    ours = lean_inputs(param_dtype, moment_dtype, mode)
+    theirs = copy.deepcopy(ours)
+    functional.adam_lean(*ours, **HYPER, param_mode=mode, backend=backend)
+    functional.adam_lean(*theirs, **HYPER, param_mode=mode, backend="reference")
+    if mode == "compact":
+        # Compare the masters the corrections encode: where an update nearly cancels a value
+        # (a param crossing zero), an fp32 ulp of the update is many of the tiny value's
+        # correction steps.
+        # Within one correction step (2^-8 / 127 of the value), plus the update's own rounding.
+        for p, c, q, d in zip(ours[0], ours[6], theirs[0], theirs[6]):
+            ours_master, their_master = (reference.compact_master(p, c),
+                                         reference.compact_master(q, d))
+            torch.testing.assert_close(ours_master, their_master, rtol=2**-15,
+                                       atol=1e-6 * their_master.abs().max().item())
+        ours[6], theirs[6] = [], []
+    if mode == "stochastic":  # a value an ulp apart may round the other way: within one ulp
+        for a, b in zip(ours[0], theirs[0]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
+        ours, theirs = ours[1:], theirs[1:]
+    assert_lean_close(ours, theirs)
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+def test_lean_op_unscales_and_skips_as_adam(backend):
+    lists = lean_inputs(torch.bfloat16, torch.uint8, "compact")
+    before = copy.deepcopy(lists)
+    functional.adam_lean(*lists, **HYPER, param_mode="compact", backend=backend,
+                         grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))
+    for column, column_before in zip(lists, before):
+        assert all(torch.equal(a, b) for a, b in zip(column, column_before))
+    functional.adam_lean(*lists, **HYPER, param_mode="compact", backend=backend,
+                         grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
+    for g, g_before in zip(lists[1], before[1]):
+        torch.testing.assert_close(g, (g_before.float() / 4).to(g.dtype))
+    assert all(s.item() == b.item() + 1 for s, b in zip(lists[7], before[7]))
+
+
+@pytest.mark.skipif(not fusedopt.backends()["cpp"]["available"], reason="no C++ extension")
+def test_lean_op_rejects_bad_lists():
+    lists = lean_inputs(torch.float32, torch.uint8, "nearest")
+    op = torch.ops.fusedopt.adam_lean_
+    with pytest.raises(RuntimeError, match="exp_avg_absmaxes"):
+        op(*lists[:4], lists[4][:-1], *lists[5:], **HYPER, param_mode="nearest")
+    with pytest.raises(RuntimeError, match="param_mode"):
+        op(*lists, **HYPER, param_mode="fp32")
+    with pytest.raises(RuntimeError, match="bfloat16 / float16"):
+        op(*lists[:6], [t.clone() for t in lists[0]], lists[7], **HYPER, param_mode="master")
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+
+
+def linear_problem(dtype, seed=0, width=96):
+    """A model of two bias-free linear layers (over MIN_QUANTIZED_NUMEL elements each) and a bias
+    (under), with a fixed regression target."""
+    g = generator(seed)
+    params = [torch.nn.Parameter((torch.randn(width, 64, generator=g) / 8).to(dtype)),
+              torch.nn.Parameter((torch.randn(32, width, generator=g) / 8).to(dtype)),
+              torch.nn.Parameter(torch.zeros(32, dtype=dtype))]
+    x = torch.randn(256, 64, generator=g)
+    y = torch.sin(x[:, :32] * 2) + x[:, 32:] * 0.5
+    return params, x, y
+
+
+def loss_of(params, x, y):
+    w1, w2, b = (p.float() for p in params)
+    return ((torch.relu(x @ w1.T) @ w2.T + b - y) ** 2).mean()
+
+
+def train(params, optimizer, x, y, steps):
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_of(params, x, y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+def test_state_formats_and_small_tensors(backend):
+    params, x, y = linear_problem(torch.bfloat16)
+    opt = fusedopt.AdamW(params, state_dtype=torch.uint8, master_weights="compact",
+                         backend=backend)
+    train(params, opt, x, y, 2)
+    big, _, small = (opt.state[p] for p in params)
+    assert big["exp_avg"].dtype == big["exp_avg_sq"].dtype == torch.uint8
+    assert big["exp_avg_absmax"].shape == (96 * 64 // 256,)
+    assert big["master_weight_correction"].dtype == torch.int8
+    assert small["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in small
+    # Optimizer-owned bytes per param of the quantized tensors: codes, scales, correction.
+    owned = sum(big[k].numel() * big[k].element_size() for k in big if k != "step")
+    assert owned / params[0].numel() < 3.04
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_fp32_master_weights_are_the_fp32_run(backend, param_dtype):
+    """bf16 / fp16 params with fp32 masters and fp32 moments, fed the fp32 run's grads, keep
+    exactly the fp32 run's values (same kernel math), and the params are those rounded."""
+    params, x, y = linear_problem(torch.float32)
+    low = [torch.nn.Parameter(p.detach().to(param_dtype)) for p in params]
+    with torch.no_grad():  # both start from the low-precision values
+        for p, q in zip(low, params):
+            q.copy_(p)
+    ours = fusedopt.AdamW(low, lr=1e-2, master_weights=True, state_dtype=torch.float32,
+                          backend=backend)
+    theirs = fusedopt.AdamW(params, lr=1e-2, backend=backend)
+    for _ in range(20):
+        theirs.zero_grad()
+        loss_of(params, x, y).backward()
+        for p, q in zip(low, params):
+            p.grad = q.grad.to(param_dtype)
+        # The same grads for both: the fp32 run's, rounded as the low-precision ones would be.
+        for q in params:
+            q.grad = q.grad.to(param_dtype).float()
+        ours.step()
+        theirs.step()
+    for p, q in zip(low, params):
+        torch.testing.assert_close(ours.state[p]["master_weight"], q.detach(), rtol=1e-6,
+                                   atol=1e-7)
+        assert torch.equal(p, ours.state[p]["master_weight"].to(param_dtype))
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+def test_8bit_updates_stay_within_five_percent_of_fp64_adamw(backend):
+    """The stated bound: fed the same grads, fp32 params with 8-bit moments move by updates
+    whose error, relative to fp64 torch.optim.AdamW's update norm, averages under 5% per step.
+    Measured (this test's problem, 2026-12-03): ~2-3%."""
+    params, x, y = linear_problem(torch.float32)
+    twins = [torch.nn.Parameter(p.detach().double()) for p in params]
+    ours = fusedopt.AdamW(params[:2], lr=1e-3, state_dtype=torch.uint8, backend=backend)
+    theirs = torch.optim.AdamW(twins[:2], lr=1e-3, foreach=False)
+    errors = []
+    for _ in range(100):
+        before = [p.detach().clone() for p in params[:2]]
+        for p in params + twins:
+            p.grad = None
+        loss_of(params, x, y).backward()
+        for p, q in zip(twins, params):
+            p.grad = q.grad.double()
+        reference_before = [t.detach().clone() for t in twins[:2]]
+        ours.step()
+        theirs.step()
+        for p, b, t, tb in zip(params[:2], before, twins[:2], reference_before):
+            ours_update, their_update = p.detach() - b, t.detach() - tb
+            errors.append(((ours_update - their_update).norm() / their_update.norm()).item())
+        for p, t in zip(params[:2], twins[:2]):  # follow the same trajectory
+            t.data.copy_(p.detach())
+    assert sum(errors) / len(errors) < 0.05
+
+
+OPTIONS = {  # name: (param dtype, fusedopt.AdamW keywords)
+    "bf16-nearest": (torch.bfloat16, {}),
+    "bf16-master": (torch.bfloat16, {"master_weights": True, "state_dtype": torch.float32}),
+    "bf16-compact-8bit": (torch.bfloat16, {"master_weights": "compact",
+                                           "state_dtype": torch.uint8}),
+    "bf16-kahan-bf16": (torch.bfloat16, {"kahan_summation": True}),
+    "bf16-stochastic": (torch.bfloat16, {"stochastic_rounding": True}),
+    "fp32-8bit": (torch.float32, {"state_dtype": torch.uint8}),
+    "fp32-bf16": (torch.float32, {"state_dtype": torch.bfloat16}),
+}
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+def test_training_with_each_option_tracks_fp32(backend):
+    """300 steps of the two-layer problem at lr 1e-3: each lean option ends within 5% of the fp32
+    AdamW run's loss (the stated tolerance), while bf16 params rounded to nearest (no master)
+    stall well above it."""
+    steps = 300 if backend == "cpp" else 60
+    params, x, y = linear_problem(torch.float32)
+    fp32 = train(params, fusedopt.AdamW(params, lr=1e-3, backend=backend), x, y, steps)[-1]
+    final = {}
+    for name, (dtype, options) in OPTIONS.items():
+        params, x, y = linear_problem(dtype)
+        opt = fusedopt.AdamW(params, lr=1e-3, **options, backend=backend)
+        final[name] = train(params, opt, x, y, steps)[-1]
+    for name, loss in final.items():
+        if name != "bf16-nearest":
+            assert abs(loss - fp32) <= 0.05 * fp32, (name, loss, fp32)
+    if backend == "cpp":
+        assert final["bf16-nearest"] > 1.1 * fp32, final
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_state_dict_round_trips_exactly(backend, name):
+    dtype, options = OPTIONS[name]
+
+    def run(save_at: int | None):
+        params, x, y = linear_problem(dtype)
+        opt = fusedopt.AdamW(params, lr=1e-2, **options, backend=backend)
+        for step in range(6):
+            if step == save_at:
+                buffer = io.BytesIO()
+                torch.save({"model": [p.detach() for p in params], "opt": opt.state_dict()},
+                           buffer)
+                buffer.seek(0)
+                saved = torch.load(buffer)
+                params, _, _ = linear_problem(dtype, seed=1)  # fresh ones, overwritten
+                with torch.no_grad():
+                    for p, value in zip(params, saved["model"]):
+                        p.copy_(value)
+                opt = fusedopt.AdamW(params, lr=1e-2, **options, backend=backend)
+                opt.load_state_dict(saved["opt"])
+            train(params, opt, x, y, 1)
+        return params, opt
+
+    params, opt = run(None)
+    resumed_params, resumed = run(3)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            other = resumed.state[q][key]
+            assert other.dtype == value.dtype and torch.equal(other, value), key
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+def test_checkpoints_move_to_and_from_torch_optim(backend):
+    params, x, y = linear_problem(torch.float32)
+    torch_opt = torch.optim.AdamW(params, lr=1e-2)
+    train(params, torch_opt, x, y, 3)
+    # torch -> 8-bit: the fp32 moments are quantized at the next step.
+    lean = fusedopt.AdamW(params, lr=1e-2, state_dtype=torch.uint8, backend=backend)
+    lean.load_state_dict(torch_opt.state_dict())
+    expected = copy.deepcopy(torch_opt.state[params[0]]["exp_avg"])
+    train(params, lean, x, y, 1)
+    state = lean.state[params[0]]
+    assert state["exp_avg"].dtype == torch.uint8 and state["step"].item() == 4
+    # 8-bit -> torch: full_precision_state_dict has torch's keys and fp32 moments.
+    exported = lean.full_precision_state_dict()
+    assert set(exported["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert exported["state"][0]["exp_avg"].dtype == torch.float32
+    assert (exported["state"][0]["exp_avg"] - expected).norm() < 0.5 * expected.norm()
+    back = torch.optim.AdamW(params, lr=1e-2)
+    back.load_state_dict(exported)
+    losses = train(params, back, x, y, 3)
+    assert losses[-1] < losses[0]
+
+
+def test_lean_options_are_checked():
+    p = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
+    with pytest.raises(ValueError, match="Invalid state_dtype"):
+        fusedopt.AdamW(p, state_dtype=torch.int8)
+    with pytest.raises(ValueError, match="Invalid master_weights"):
+        fusedopt.AdamW(p, master_weights="fp32")
+    with pytest.raises(ValueError, match="at most one"):
+        fusedopt.AdamW(p, master_weights=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        fusedopt.Adam(p, amsgrad=True, state_dtype=torch.bfloat16)
+    half = [torch.nn.Parameter(torch.randn(4, dtype=torch.float16))]
+    opt = fusedopt.AdamW(half, master_weights="compact")
+    half[0].grad = torch.randn(4, dtype=torch.float16)
+    with pytest.raises(ValueError, match="needs bfloat16 params"):
+        opt.step()
+    # fp32 and fp64 params ignore the options for low-precision params.
+    for dtype in (torch.float32, torch.float64):
+        q = torch.nn.Parameter(torch.randn(4, dtype=dtype))
+        opt = fusedopt.AdamW([q], master_weights=True)
+        q.grad = torch.randn(4, dtype=dtype)
+        opt.step()
+        assert set(opt.state[q]) == {"step", "exp_avg", "exp_avg_sq"}
