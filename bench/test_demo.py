@@ -25,8 +25,11 @@ def test_demo_trains_every_optimizer_and_writes_its_report(tmp_path):
         assert len(run["train_loss"]) == 12 and all(math.isfinite(v) for v in run["train_loss"])
         assert run["train_loss"][-1] < run["train_loss"][0] - 0.02, name  # it learns
         assert run["state_bytes"] > 0 and run["optimizer_step_ms"] > 0
-    # The same model, seed and batches: the first loss is the same in every run.
-    assert len({run["train_loss"][0] for run in report["runs"].values()}) == 1
+    # The same model, seed and batches: the first loss is the same in every fp32 run, and within
+    # bf16's rounding of the weights in the bf16 ones.
+    first = {name: run["train_loss"][0] for name, run in report["runs"].items()}
+    assert len({loss for name, loss in first.items() if "bf16" not in name}) == 1
+    assert all(abs(loss - first["torch-adamw"]) < 0.02 for loss in first.values())
     assert report["adamw_check"]["agree"]
     assert "fusedopt.AdamW matches torch.optim.AdamW" in (tmp_path / "demo.md").read_text()
     for png in ("demo-loss.png", "demo-optimizer-step.png", "demo-state-memory.png"):
