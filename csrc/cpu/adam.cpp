@@ -162,8 +162,8 @@ ParamMode parse_param_mode(c10::string_view mode) {
               "stochastic, got ", mode);
 }
 
-// Checks that tensor i of `list` is a contiguous CPU tensor of `dtype` with `numel` elements
-// (numel < 0: param i's).
+// Checks that tensor i of `list` is a contiguous CPU tensor of `dtype` with param i's element
+// count (per_block: its count of 8-bit blocks, one absmax each).
 void check_list(at::TensorList params, at::TensorList list, const char* name,
                 at::ScalarType dtype, bool per_block) {
   TORCH_CHECK(list.size() == params.size(), "fusedopt.adam_lean_: expected ", params.size(), " ",

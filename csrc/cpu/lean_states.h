@@ -25,7 +25,6 @@ constexpr int64_t kQuantBlock = 256;
 static_assert(kChunkElements % kQuantBlock == 0 && kQuantBlock % kVecStep == 0);
 
 constexpr float kInv127 = static_cast<float>(1.0 / 127);
-constexpr float kInv255 = static_cast<float>(1.0 / 255);
 
 // kVecStep small integers (uint8 or int8 codes) as two fp32 vectors; `count` fewer are zeros.
 template <typename code_t>
