@@ -37,21 +37,35 @@ constexpr int kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kAdamStreams = 5;
 // Adam's rule on one vector of each stream, in fp32 registers (fp64 for fp64 storage): each
 // constant is formed in double as the reference forms it (Python floats) and rounded to T once.
 // Every product and sum rounds on its own, in the reference's order. v_max is read and written
-// only with kAmsgrad. kEstimate: the square root and the division from hardware estimates
-// (lean::sqrt_estimate, divide_estimate), for 8-bit states, whose own error dwarfs theirs.
+// only with kAmsgrad. kEstimate (8-bit states, whose own error, ~1e-2, dwarfs the rounding order's
+// and the ~1e-4 of lean's hardware estimates): the same rule in the fewest vector ops, since the
+// 8-bit step is compute-bound: fused multiply-adds, the square root and the division from
+// lean::sqrt_estimate and divide_estimate.
 template <bool kAmsgrad, typename Vec, bool kEstimate = false>
 auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   using T = typename Vec::value_type;
+  static_assert(!(kAmsgrad && kEstimate), "the 8-bit step has no amsgrad");
   // Options become neutral constants instead of branches: maximize is a sign, Adam's coupled
   // weight decay a zero for AdamW, AdamW's decay factor a one for Adam.
   const bool decoupled = h.decoupled_weight_decay;
-  const Vec one_minus_beta1(T(1.0 - h.beta1)), beta2(T(h.beta2)),
+  const T sign(h.maximize ? -1 : 1);
+  const Vec one_minus_beta1(T(1.0 - h.beta1)), beta1(T(h.beta1)), beta2(T(h.beta2)),
       one_minus_beta2(T(1.0 - h.beta2)), eps(T(h.eps)), step_size(T(s.step_size)),
-      inv_bc2_sqrt(T(s.inv_bias_correction2_sqrt)), sign(T(h.maximize ? -1 : 1)),
+      inv_bc2_sqrt(T(s.inv_bias_correction2_sqrt)), signed_one_minus_beta1(sign * T(1.0 - h.beta1)),
       coupled_weight_decay(decoupled ? T(0) : T(h.weight_decay)),
+      signed_coupled_weight_decay(decoupled ? T(0) : sign * T(h.weight_decay)),
       decay(decoupled ? decay_factor<T>(h.lr, h.weight_decay) : T(1));
   return [=](Vec& p, Vec g, Vec& m, Vec& v, Vec& v_max) FUSEDOPT_INLINE_LAMBDA {
-    g = g * sign + coupled_weight_decay * p;
+    if constexpr (kEstimate) {
+      // g + sign cwd p = sign (sign g + cwd p): the sign rides on (1 - beta1), and g * g drops it.
+      g = at::vec::fmadd(signed_coupled_weight_decay, p, g);
+      m = at::vec::fmadd(g, signed_one_minus_beta1, m * beta1);
+      v = at::vec::fmadd(g, g * one_minus_beta2, v * beta2);
+      const Vec denom = at::vec::fmadd(lean::sqrt_estimate(v), inv_bc2_sqrt, eps);
+      p = at::vec::fnmadd(lean::divide_estimate(m, denom), step_size, p * decay);
+      return;
+    }
+    g = g * Vec(sign) + coupled_weight_decay * p;
     p = p * decay;
     // lerp(m, g, 1 - beta1), unfused; torch's CPU lerp is one fma (up to 1 ulp apart).
     m = m + one_minus_beta1 * (g - m);
@@ -62,13 +76,8 @@ auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
       v_used = v_max;
     }
     // The reference divides by sqrt(1 - beta2^step); one divide per step is enough here.
-    if constexpr (kEstimate) {
-      const Vec denom = lean::sqrt_estimate(v_used) * inv_bc2_sqrt + eps;
-      p = p - lean::divide_estimate(step_size * m, denom);
-    } else {
-      const Vec denom = v_used.sqrt() * inv_bc2_sqrt + eps;
-      p = p - step_size * m / denom;
-    }
+    const Vec denom = v_used.sqrt() * inv_bc2_sqrt + eps;
+    p = p - step_size * m / denom;
   };
 }
 

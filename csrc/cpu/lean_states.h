@@ -12,8 +12,10 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "multi_tensor.h"
 
@@ -26,14 +28,26 @@ static_assert(kChunkElements % kQuantBlock == 0 && kQuantBlock % kVecStep == 0);
 
 constexpr float kInv127 = static_cast<float>(1.0 / 127);
 
-// kVecStep small integers (uint8 or int8 codes) as two fp32 vectors; `count` fewer are zeros.
-template <typename code_t>
-FUSEDOPT_INLINE void load_codes(const code_t* src, int64_t count, Vec& lo, Vec& hi) {
+// The codes of a stream: uint8 (exp_avg_sq), int8 (a compact master's correction), or uint8
+// holding 128 + an int8 value (exp_avg's signed code, "offset binary"): flipping its top bit
+// gives the int8, so offset codes load and store as int8 ones with no vector add.
+enum class Code { kUnsigned, kSigned, kOffset };
+
+template <Code kCode>
+using code_storage_t = std::conditional_t<kCode == Code::kSigned, int8_t, uint8_t>;
+
+// kVecStep codes as two fp32 vectors of their values (an offset code's minus 128); `count` fewer
+// are zeros.
+template <Code kCode>
+FUSEDOPT_INLINE void load_codes(const code_storage_t<kCode>* src, int64_t count, Vec& lo,
+                                Vec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (count == kVecStep) {
-    const auto widen = [](const code_t* p) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      return std::is_signed_v<code_t> ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+    const auto widen = [](const code_storage_t<kCode>* p) {
+      __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      if constexpr (kCode == Code::kUnsigned) return _mm512_cvtepu8_epi32(bytes);
+      if constexpr (kCode == Code::kOffset) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(-128));
+      return _mm512_cvtepi8_epi32(bytes);
     };
     lo = _mm512_cvtepi32_ps(widen(src));
     hi = _mm512_cvtepi32_ps(widen(src + 16));
@@ -41,21 +55,26 @@ FUSEDOPT_INLINE void load_codes(const code_t* src, int64_t count, Vec& lo, Vec& 
   }
 #endif
   alignas(64) float wide[kVecStep] = {};
-  for (int64_t j = 0; j < count; ++j) wide[j] = static_cast<float>(src[j]);
+  for (int64_t j = 0; j < count; ++j) {
+    wide[j] = static_cast<float>(src[j]) - (kCode == Code::kOffset ? 128.0f : 0.0f);
+  }
   lo = Vec::loadu(wide);
   hi = Vec::loadu(wide + Vec::size());
 }
 
-// fp32 values, already clamped to the code's range, rounded to nearest (ties to even) into codes.
-// (uint8 codes saturate at 0 and 255.)
-template <typename code_t>
-FUSEDOPT_INLINE void store_codes(code_t* dst, int64_t count, const Vec& lo, const Vec& hi) {
+// fp32 values rounded to nearest (ties to even) into codes, saturating at the code's range
+// (0 to 255 unsigned, -128 to 127 signed and offset).
+template <Code kCode>
+FUSEDOPT_INLINE void store_codes(code_storage_t<kCode>* dst, int64_t count, const Vec& lo,
+                                 const Vec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (count == kVecStep) {
     // cvtps rounds as MXCSR says: to nearest even unless someone changed it.
     const auto narrow = [](const Vec& v) {
       const __m512i wide = _mm512_cvtps_epi32(v);
-      return std::is_signed_v<code_t> ? _mm512_cvtsepi32_epi8(wide) : _mm512_cvtusepi32_epi8(wide);
+      if constexpr (kCode == Code::kUnsigned) return _mm512_cvtusepi32_epi8(wide);
+      const __m128i bytes = _mm512_cvtsepi32_epi8(wide);
+      return kCode == Code::kOffset ? _mm_xor_si128(bytes, _mm_set1_epi8(-128)) : bytes;
     };
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), narrow(lo));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), narrow(hi));
@@ -65,24 +84,25 @@ FUSEDOPT_INLINE void store_codes(code_t* dst, int64_t count, const Vec& lo, cons
   alignas(64) float wide[kVecStep];
   lo.store(wide);
   hi.store(wide + Vec::size());
-  constexpr float kMin = std::is_signed_v<code_t> ? -128.0f : 0.0f;
-  constexpr float kMax = std::is_signed_v<code_t> ? 127.0f : 255.0f;
+  constexpr float kMin = kCode == Code::kUnsigned ? 0.0f : -128.0f;
+  constexpr float kMax = kCode == Code::kUnsigned ? 255.0f : 127.0f;
+  constexpr float kOffset = kCode == Code::kOffset ? 128.0f : 0.0f;
   for (int64_t j = 0; j < count; ++j) {
-    dst[j] = static_cast<code_t>(std::nearbyint(std::clamp(wide[j], kMin, kMax)));
+    dst[j] = static_cast<code_storage_t<kCode>>(
+        std::nearbyint(std::clamp(wide[j], kMin, kMax)) + kOffset);
   }
 }
 
-// sqrt(x) and a / b for the 8-bit step: with AVX-512, from the hardware's ~14-bit estimates and
-// one Newton step (within a few ulp of the correctly rounded results, far below the 8-bit
-// states' own error), at a fraction of the cost of vsqrtps and vdivps, which dominated the step.
+// sqrt(x), a / b and y^(1/4) for the 8-bit step, from the hardware's ~14-bit estimates when
+// AVX-512 has them: their relative error (< 2^-14 each, ~1e-4 combined) is far below the 8-bit
+// states' own (~1e-2), and vsqrtps / vdivps, or Newton steps on the estimates, made the step
+// compute-bound.
 FUSEDOPT_INLINE Vec sqrt_estimate(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 r = _mm512_rsqrt14_ps(x);
-  const __m512 half_x_r = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), r);
-  // r * (1.5 - 0.5 x r^2), then x * r; exact zeros stay zero (x * rsqrt(0) would be NaN).
-  const __m512 refined = _mm512_mul_ps(r, _mm512_fnmadd_ps(half_x_r, r, _mm512_set1_ps(1.5f)));
-  const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
-  return _mm512_maskz_mul_ps(positive, x, refined);
+  // x * rsqrt(max(x, 2^-126)): zeros stay zero (0 * rsqrt(0) = 0 * inf would be NaN), and
+  // subnormal x (a square root < 2^-63, far below any eps) come out below 2^-62; the max runs on
+  // a pipe that the step's many multiplies leave free, where a compare and mask would not.
+  return _mm512_mul_ps(x, _mm512_rsqrt14_ps(_mm512_max_ps(x, _mm512_set1_ps(0x1p-126f))));
 #else
   return x.sqrt();
 #endif
@@ -90,25 +110,17 @@ FUSEDOPT_INLINE Vec sqrt_estimate(const Vec& x) {
 
 FUSEDOPT_INLINE Vec divide_estimate(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 r = _mm512_rcp14_ps(b);
-  const __m512 refined = _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.0f)));
-  return _mm512_mul_ps(a, refined);
+  return _mm512_mul_ps(a, _mm512_rcp14_ps(b));
 #else
   return a / b;
 #endif
 }
 
-// y^(1/4) for y in [0, 255^4]. With AVX-512, as two square roots y * rsqrt(y) from the ~14-bit
-// reciprocal-square-root estimate: the result is within ~1e-4 (relative) of the root, so under 1%
-// of codes round to the neighbour of the reference's (which takes exact roots), at a quarter of
-// the cost of two exact square roots (the 8-bit step is compute-bound).
+// y^(1/4) for y in [0, 255^4], as rsqrt(rsqrt(y)); 0 maps to rsqrt(inf) = 0. Under 1% of codes
+// round to the neighbour of the reference's (which takes exact roots).
 FUSEDOPT_INLINE Vec fourth_root(const Vec& y) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // y + 2^-100: rsqrt(0) would be inf, and 0 * inf NaN; the offset's fourth root, 2^-25, is far
-  // below half a step.
-  const __m512 x = _mm512_add_ps(y, _mm512_set1_ps(0x1p-100f));
-  const __m512 root = _mm512_mul_ps(x, _mm512_rsqrt14_ps(x));
-  return _mm512_mul_ps(root, _mm512_rsqrt14_ps(root));
+  return _mm512_rsqrt14_ps(_mm512_rsqrt14_ps(y));
 #else
   return y.sqrt().sqrt();
 #endif
@@ -145,6 +157,7 @@ template <bool kSigned>
 struct BlockwiseStream {
   // The code's steps from 0 to the absmax: 127 each side of 128, or 255.
   static constexpr float kLevels = kSigned ? 127.0f : 255.0f;
+  static constexpr Code kCode = kSigned ? Code::kOffset : Code::kUnsigned;
   uint8_t* codes;
   float* absmax;
   float scale = 0;  // the block's stored absmax / kLevels^4
@@ -157,14 +170,13 @@ struct BlockwiseStream {
       scale = absmax[i / kQuantBlock] / (levels_squared * levels_squared);
       new_absmax = Vec(0.0f);
     }
-    load_codes(codes + i, n, lo, hi);
+    load_codes<kCode>(codes + i, n, lo, hi);
     lo = decode(lo);
     hi = decode(hi);
   }
   // x = sign(d) d^4 * absmax / kLevels^4 with d the code's steps from zero: the reference's
   // ((d / kLevels)^2)^2 * absmax up to rounding (a few ulp).
-  FUSEDOPT_INLINE Vec decode(const Vec& code) const {
-    const Vec d = kSigned ? code - Vec(128.0f) : code;
+  FUSEDOPT_INLINE Vec decode(const Vec& d) const {
     const Vec w = d * d;
     const Vec x = w * w * Vec(scale);
     return kSigned ? x | (d & Vec(-0.0f)) : x;
@@ -176,8 +188,8 @@ struct BlockwiseStream {
       hi.store(dst + Vec::size());
       gather_absmax(lo, hi);
     } else {
-      // The lanes past n hold whatever the update made of the padding (a signed code 0 decodes
-      // to -absmax): only the stored ones count.
+      // The lanes past n hold whatever the update made of the zero padding (a decay or an eps
+      // can make it nonzero): only the stored ones count.
       store_float(dst, n, lo, hi);
       Vec stored_lo, stored_hi;
       load_float(dst, n, stored_lo, stored_hi);
@@ -200,14 +212,13 @@ struct BlockwiseStream {
       const int64_t count = std::min<int64_t>(kVecStep, n - j);
       Vec lo, hi;
       load_float(pending + j, count, lo, hi);
-      store_codes(codes + begin + j, count, encode(lo, to_steps), encode(hi, to_steps));
+      store_codes<kCode>(codes + begin + j, count, encode(lo, to_steps), encode(hi, to_steps));
     }
   }
-  // The code of x as an fp32 value, unrounded (store_codes rounds it, saturating at 255).
+  // The code's steps from zero for x, unrounded (store_codes rounds and offsets them).
   FUSEDOPT_INLINE static Vec encode(const Vec& x, const Vec& to_steps) {
     if constexpr (kSigned) {
-      const Vec steps = fourth_root(x.abs() * to_steps);
-      return Vec(128.0f) + (steps | (x & Vec(-0.0f)));
+      return fourth_root(x.abs() * to_steps) | (x & Vec(-0.0f));
     } else {
       return fourth_root(x * to_steps);
     }
@@ -244,7 +255,7 @@ struct CompactParam {
   FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
     Vec p_lo, p_hi;
     load_float(param + i, n, p_lo, p_hi);
-    load_codes(correction + i, n, lo, hi);
+    load_codes<Code::kSigned>(correction + i, n, lo, hi);
     lo = p_lo + lo * Vec(kInv127) * half_ulp(p_lo);
     hi = p_hi + hi * Vec(kInv127) * half_ulp(p_hi);
   }
@@ -252,7 +263,7 @@ struct CompactParam {
     const auto packed = pack_float<c10::BFloat16>(lo, hi);
     auto [p_lo, p_hi] = at::vec::convert_to_float<c10::BFloat16>(packed);
     store_float(param + i, n, p_lo, p_hi);
-    store_codes(correction + i, n, error_code(lo, p_lo), error_code(hi, p_hi));
+    store_codes<Code::kSigned>(correction + i, n, error_code(lo, p_lo), error_code(hi, p_hi));
   }
   FUSEDOPT_INLINE static Vec error_code(const Vec& value, const Vec& p) {
     const Vec error = (value - p) / half_ulp(p);
