@@ -48,6 +48,18 @@ TORCH_LIBRARY(fusedopt, m) {
       "lion_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, *, "
       "Tensor lr, float beta1, float beta2, float weight_decay, bool maximize, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // One Lion step with lean states (math and formats: fusedopt/reference.py::lion_lean): the
+  // lists, param_mode and state_steps as adam_lean_'s, with exp_avgs its one state (signed code).
+  m.def(
+      "lion_lean_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] param_extras, Tensor(f!)[] state_steps, *, "
+      "float lr, float beta1, float beta2, float weight_decay, bool maximize, str param_mode, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "lion_lean_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_absmaxes, Tensor(e!)[] param_extras, Tensor(f!)[] state_steps, *, "
+      "Tensor lr, float beta1, float beta2, float weight_decay, bool maximize, str param_mode, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // One SGD step over many tensors, in the style of aten::_fused_sgd_ (math:
   // fusedopt/reference.py::sgd). momentum_buffers is empty when momentum is 0; on is_first_step
   // the buffers are written (set to the grad) and never read.

@@ -134,6 +134,31 @@ def lion(
           found_inf=found_inf)
 
 
+def lion_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_absmaxes: list[Tensor],
+    param_extras: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    param_mode: str,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One Lion step with lean states (an 8-bit or low-precision exp_avg, masters for bf16 /
+    fp16 params), in place; see reference.lion_lean."""
+    _step("lion_lean", (params, grads, exp_avgs, exp_avg_absmaxes, param_extras, state_steps),
+          backend, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+          param_mode=param_mode, grad_scale=grad_scale, found_inf=found_inf)
+
+
 def sgd(
     params: list[Tensor],
     grads: list[Tensor],

@@ -350,12 +350,57 @@ def lion(
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
         grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
-        exp_avg = exp_avgs[i].to(dtype)
-        update = (beta1 * exp_avg + (1 - beta1) * grad).sign()
-        lr_i = _in_compute_dtype(lr, dtype, param.device)
-        p = param.to(dtype) * (1 - lr_i * weight_decay)
-        store(param, p - lr_i * update)
-        store(exp_avgs[i], beta2 * exp_avg + (1 - beta2) * grad)
+        p, exp_avg = _lion_math(param.to(dtype), grad, exp_avgs[i].to(dtype), lr, beta1=beta1,
+                                beta2=beta2, weight_decay=weight_decay)
+        store(param, p)
+        store(exp_avgs[i], exp_avg)
+
+
+def _lion_math(p: Tensor, grad: Tensor, exp_avg: Tensor, lr: float | Tensor, *, beta1: float,
+               beta2: float, weight_decay: float) -> tuple[Tensor, Tensor]:
+    """Lion's update of one param (in its compute dtype): (new p, new exp_avg)."""
+    update = (beta1 * exp_avg + (1 - beta1) * grad).sign()
+    lr_i = _in_compute_dtype(lr, p.dtype, p.device)
+    p = p * (1 - lr_i * weight_decay)
+    return p - lr_i * update, beta2 * exp_avg + (1 - beta2) * grad
+
+
+def lion_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_absmaxes: list[Tensor],
+    param_extras: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    param_mode: str,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One Lion step (lion's rule) with lean states, as adam_lean keeps them: exp_avgs in any
+    float dtype, or 8-bit blockwise (uint8, signed code) with their absmaxes (empty otherwise);
+    the params updated per param_mode, param_extras its extra tensor per param. state_steps
+    count the steps (Lion's rule has no step; stochastic rounding's random bits hash it). When
+    found_inf is non-zero nothing changes."""
+    store = _store_unless(found_inf)
+    quantized = bool(exp_avg_absmaxes)
+    for i, param in enumerate(params):
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        step = state_steps[i].to(torch.float64) + 1
+        store(state_steps[i], step)
+        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
+        extra = param_extras[i] if param_extras else None
+        absmax = exp_avg_absmaxes[i] if quantized else None
+        p, exp_avg = _lion_math(load_param(param, extra, param_mode), grad,
+                                load_state(exp_avgs[i], absmax, True, dtype), lr, beta1=beta1,
+                                beta2=beta2, weight_decay=weight_decay)
+        store_state(exp_avgs[i], absmax, exp_avg, True, store)
+        store_param(param, extra, p, param_mode, store, step, i)
 
 
 def sgd(

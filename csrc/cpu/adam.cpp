@@ -5,7 +5,7 @@
 #include <cmath>
 #include <optional>
 
-#include "lean_states.h"
+#include "lean_step.h"
 #include "multi_tensor.h"
 
 namespace fusedopt::cpu {
@@ -154,113 +154,6 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
 // adam_lean_: Adam / AdamW without amsgrad, with lean states (csrc/fusedopt.cpp; the formats are
 // fusedopt/reference.py's "Lean states", and lean_states.h's codecs).
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-enum class ParamMode { kNearest, kMaster, kCompact, kKahan, kStochastic };
-
-ParamMode parse_param_mode(c10::string_view mode) {
-  if (mode == "nearest") return ParamMode::kNearest;
-  if (mode == "master") return ParamMode::kMaster;
-  if (mode == "compact") return ParamMode::kCompact;
-  if (mode == "kahan") return ParamMode::kKahan;
-  if (mode == "stochastic") return ParamMode::kStochastic;
-  TORCH_CHECK(false, "fusedopt.adam_lean_: param_mode must be nearest, master, compact, kahan or "
-              "stochastic, got ", mode);
-}
-
-// Checks that tensor i of `list` is a contiguous CPU tensor of `dtype` with param i's element
-// count (per_block: its count of 8-bit blocks, one absmax each).
-void check_list(at::TensorList params, at::TensorList list, const char* name,
-                at::ScalarType dtype, bool per_block) {
-  TORCH_CHECK(list.size() == params.size(), "fusedopt.adam_lean_: expected ", params.size(), " ",
-              name, ", got ", list.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t numel = per_block ? (params[i].numel() + lean::kQuantBlock - 1) /
-                                          lean::kQuantBlock
-                                    : params[i].numel();
-    const at::Tensor& t = list[i];
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() &&
-                    t.numel() == numel,
-                "fusedopt.adam_lean_ (cpu): ", name, "[", i, "] must be a contiguous CPU ",
-                dtype, " tensor of ", numel, " elements, got ", t.scalar_type(), " of ",
-                t.numel(), " on ", t.device());
-  }
-}
-
-// Runs the step on every chunk with the param codec make_param(tensor) and the states' codecs.
-template <typename scalar_t, typename state_t, typename MakeParam>
-void adam_lean_chunks(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList exp_avg_absmaxes,
-                      at::TensorList exp_avg_sq_absmaxes, const AdamHyper& h,
-                      const std::vector<AdamStepScalars>& scalars, const MakeParam& make_param) {
-  std::vector<int64_t> numels(params.size());
-  for (size_t i = 0; i < params.size(); ++i) numels[i] = params[i].numel();
-  parallel_for_chunks(numels, [&](const Chunk& c) {
-    auto rule = adam_rule<false, Vec, std::is_same_v<state_t, uint8_t>>(h, scalars[c.tensor]);
-    auto update = [=](Vec& p, Vec& g, Vec& m, Vec& v) FUSEDOPT_INLINE_LAMBDA {
-      Vec unused;
-      rule(p, g, m, v, unused);
-    };
-    auto param = make_param(c.tensor);
-    scalar_t* grad = grads[c.tensor].data_ptr<scalar_t>();
-    if constexpr (std::is_same_v<state_t, uint8_t>) {
-      lean::BlockwiseStream<true> m{exp_avgs[c.tensor].data_ptr<uint8_t>(),
-                                    exp_avg_absmaxes[c.tensor].data_ptr<float>()};
-      lean::BlockwiseStream<false> v{exp_avg_sqs[c.tensor].data_ptr<uint8_t>(),
-                                     exp_avg_sq_absmaxes[c.tensor].data_ptr<float>()};
-      lean::for_each_lean_step(c.begin, c.end, h.unscale, update, param, grad, m, v);
-    } else {
-      lean::PlainStream<state_t> m{exp_avgs[c.tensor].data_ptr<state_t>()};
-      lean::PlainStream<state_t> v{exp_avg_sqs[c.tensor].data_ptr<state_t>()};
-      lean::for_each_lean_step(c.begin, c.end, h.unscale, update, param, grad, m, v);
-    }
-  });
-}
-
-template <typename scalar_t, typename state_t>
-void adam_lean_typed(ParamMode mode, at::TensorList params, at::TensorList grads,
-                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList exp_avg_absmaxes, at::TensorList exp_avg_sq_absmaxes,
-                     at::TensorList param_extras, const AdamHyper& h,
-                     const std::vector<AdamStepScalars>& scalars) {
-  const auto run = [&](const auto& make_param) {
-    adam_lean_chunks<scalar_t, state_t>(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
-                                        exp_avg_sq_absmaxes, h, scalars, make_param);
-  };
-  const auto param_of = [&](int64_t t) { return params[t].data_ptr<scalar_t>(); };
-  if (mode == ParamMode::kNearest) {
-    return run([&](int64_t t) { return lean::PlainStream<scalar_t>{param_of(t)}; });
-  }
-  // The other modes keep bf16 / fp16 params (checked by the caller).
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    if (mode == ParamMode::kMaster) {
-      return run([&](int64_t t) {
-        return lean::MasterParam<scalar_t>{param_of(t), param_extras[t].data_ptr<float>()};
-      });
-    }
-    if (mode == ParamMode::kKahan) {
-      return run([&](int64_t t) {
-        return lean::KahanParam<scalar_t>{param_of(t), param_extras[t].data_ptr<scalar_t>()};
-      });
-    }
-  }
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (mode == ParamMode::kCompact) {
-      return run([&](int64_t t) {
-        return lean::CompactParam{param_of(t), param_extras[t].data_ptr<int8_t>()};
-      });
-    }
-    return run([&](int64_t t) {
-      return lean::StochasticParam{param_of(t), lean::stochastic_key(scalars[t].step, t)};
-    });
-  }
-  TORCH_CHECK(false, "fusedopt.adam_lean_: param_mode compact and stochastic need bfloat16 "
-              "params");
-}
-
 template <typename lr_t>
 void adam_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList exp_avg_absmaxes,
@@ -270,73 +163,34 @@ void adam_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    c10::string_view param_mode, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
   const LearningRate lr = learning_rate(lr_arg, "adam_lean_");
-  const ParamMode mode = parse_param_mode(param_mode);
-  const size_t count = params.size();
-  if (count == 0) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "fusedopt.adam_lean_ (cpu): params must be float32, bfloat16 or float16, got ",
-              dtype);
-  check_list(params, params, "params", dtype, false);
-  check_list(params, grads, "grads", dtype, false);
-  TORCH_CHECK(!exp_avgs.empty(), "fusedopt.adam_lean_: expected ", count, " exp_avgs, got 0");
-  const at::ScalarType state_dtype = exp_avgs[0].scalar_type();
-  TORCH_CHECK(state_dtype == at::kFloat || state_dtype == at::kBFloat16 ||
-                  state_dtype == at::kHalf || state_dtype == at::kByte,
-              "fusedopt.adam_lean_ (cpu): states must be float32, bfloat16, float16 or uint8, "
-              "got ", state_dtype);
-  check_list(params, exp_avgs, "exp_avgs", state_dtype, false);
-  check_list(params, exp_avg_sqs, "exp_avg_sqs", state_dtype, false);
-  const bool quantized = state_dtype == at::kByte;
-  if (quantized) {
-    check_list(params, exp_avg_absmaxes, "exp_avg_absmaxes", at::kFloat, true);
-    check_list(params, exp_avg_sq_absmaxes, "exp_avg_sq_absmaxes", at::kFloat, true);
-  } else {
-    TORCH_CHECK(exp_avg_absmaxes.empty() && exp_avg_sq_absmaxes.empty(),
-                "fusedopt.adam_lean_: absmaxes are given only with uint8 states");
-  }
-  TORCH_CHECK(mode == ParamMode::kNearest || dtype != at::kFloat,
-              "fusedopt.adam_lean_: param_mode ", param_mode, " is for bfloat16 / float16 params");
-  switch (mode) {
-    case ParamMode::kMaster:
-      check_list(params, param_extras, "param_extras", at::kFloat, false);
-      break;
-    case ParamMode::kCompact:
-      check_list(params, param_extras, "param_extras", at::kChar, false);
-      break;
-    case ParamMode::kKahan:
-      check_list(params, param_extras, "param_extras", dtype, false);
-      break;
-    default:
-      TORCH_CHECK(param_extras.empty(), "fusedopt.adam_lean_: param_mode ", param_mode,
-                  " takes no param_extras");
-  }
-  check_state_steps("adam_lean_", state_steps, count);
+  if (params.empty()) return;
+  const std::array<lean::StateList, 2> states{
+      lean::StateList{"exp_avgs", exp_avgs, "exp_avg_absmaxes", exp_avg_absmaxes},
+      lean::StateList{"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_absmaxes", exp_avg_sq_absmaxes}};
+  const lean::LeanSpec spec = lean::check_lean_lists("adam_lean_", params, grads, states,
+                                                     param_extras, state_steps, param_mode);
   if (skip_step(found_inf)) return;
 
   const AdamHyper h{lr, beta1, beta2, weight_decay, eps, false, maximize,
                     decoupled_weight_decay, grad_unscale(grad_scale)};
   const std::vector<AdamStepScalars> scalars = advance_steps(state_steps, lr, beta1, beta2);
-  // The (param dtype, state dtype) pair, both checked above.
-  const auto with_states = [&](auto param_type) {
+  std::vector<double> steps(scalars.size());
+  for (size_t i = 0; i < scalars.size(); ++i) steps[i] = scalars[i].step;
+  lean::dispatch_lean_dtypes(spec, [&](auto param_type, auto state_type) {
     using scalar_t = typename decltype(param_type)::type;
-    const auto run = [&](auto state_type) {
-      adam_lean_typed<scalar_t, typename decltype(state_type)::type>(
-          mode, params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
-          param_extras, h, scalars);
+    using state_t = typename decltype(state_type)::type;
+    const auto make_update = [&](int64_t t) {
+      auto rule = adam_rule<false, Vec, std::is_same_v<state_t, uint8_t>>(h, scalars[t]);
+      return [=](Vec& p, Vec& g, Vec& m, Vec& v) FUSEDOPT_INLINE_LAMBDA {
+        Vec unused;
+        rule(p, g, m, v, unused);
+      };
     };
-    switch (state_dtype) {
-      case at::kFloat: return run(TypeTag<float>{});
-      case at::kBFloat16: return run(TypeTag<c10::BFloat16>{});
-      case at::kHalf: return run(TypeTag<c10::Half>{});
-      default: return run(TypeTag<uint8_t>{});
-    }
-  };
-  switch (dtype) {
-    case at::kFloat: return with_states(TypeTag<float>{});
-    case at::kBFloat16: return with_states(TypeTag<c10::BFloat16>{});
-    default: return with_states(TypeTag<c10::Half>{});
-  }
+    // exp_avg's 8-bit code is signed, exp_avg_sq's not.
+    lean::run_lean_chunks<scalar_t, state_t, true, false>(spec, params, grads, states,
+                                                          param_extras, steps, h.unscale,
+                                                          make_update);
+  });
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // fusedopt/reference.py::lion; the op's contract is in csrc/fusedopt.cpp.
 #include <torch/library.h>
 
+#include "lean_step.h"
 #include "multi_tensor.h"
 
 namespace fusedopt::cpu {
@@ -20,28 +21,32 @@ struct LionHyper {
 // The streams of one tensor, in the op's order.
 constexpr int kExpAvg = 2, kLionStreams = 3;
 
-// Math in fp32 registers (fp64 for fp64 storage); each constant is formed as the reference forms
-// it (in double from Python floats) and rounded to T once. Every product and sum rounds on its
-// own, in the reference's order, so that the sign taken is the reference's.
-template <typename scalar_t>
-void lion_range(scalar_t* const* ptr, int64_t begin, int64_t end, const LionHyper& h) {
-  using Vec = ComputeVec<scalar_t>;
+// Lion's rule on one vector of each stream, in fp32 registers (fp64 for fp64 storage); each
+// constant is formed as the reference forms it (in double from Python floats) and rounded to T
+// once. Every product and sum rounds on its own, in the reference's order, so that the sign taken
+// is the reference's.
+template <typename Vec>
+auto lion_rule(const LionHyper& h) {
   using T = typename Vec::value_type;
   const Vec beta1(T(h.beta1)), one_minus_beta1(T(1.0 - h.beta1)), beta2(T(h.beta2)),
       one_minus_beta2(T(1.0 - h.beta2)), lr(T(h.lr.value)),
       decay(decay_factor<T>(h.lr, h.weight_decay)), sign_of_grad(T(h.maximize ? -1 : 1)),
       zero(T(0)), one(T(1));
+  return [=](Vec& p, Vec g, Vec& m) FUSEDOPT_INLINE_LAMBDA {
+    g = g * sign_of_grad;
+    const Vec c = beta1 * m + one_minus_beta1 * g;
+    // sign(c) with sign(0) = 0, as torch.sign: comparisons give all-ones masks.
+    const Vec sign = ((c > zero) & one) - ((c < zero) & one);
+    p = p * decay - lr * sign;
+    m = beta2 * m + one_minus_beta2 * g;
+  };
+}
 
+template <typename scalar_t>
+void lion_range(scalar_t* const* ptr, int64_t begin, int64_t end, const LionHyper& h) {
   constexpr unsigned kStates = kStreamMask<kParamStream, kExpAvg>;
   for_each_step<kLionStreams, kStates | kStreamMask<kGradStream>, kStates>(
-      ptr, begin, end, h.unscale, [=](Vec& p, Vec g, Vec& m) {
-        g = g * sign_of_grad;
-        const Vec c = beta1 * m + one_minus_beta1 * g;
-        // sign(c) with sign(0) = 0, as torch.sign: comparisons give all-ones masks.
-        const Vec sign = ((c > zero) & one) - ((c < zero) & one);
-        p = p * decay - lr * sign;
-        m = beta2 * m + one_minus_beta2 * g;
-      });
+      ptr, begin, end, h.unscale, lion_rule<ComputeVec<scalar_t>>(h));
 }
 
 // Both overloads of the op: lr_t is double (lion_) or const at::Tensor& (lion_.tensor_lr).
@@ -62,10 +67,43 @@ void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
                  });
 }
 
+// lion_lean_ (csrc/fusedopt.cpp): Lion's rule through lean_step.h's codecs.
+template <typename lr_t>
+void lion_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_absmaxes, at::TensorList param_extras,
+                   at::TensorList state_steps, lr_t lr_arg, double beta1, double beta2,
+                   double weight_decay, bool maximize, c10::string_view param_mode,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  const LearningRate lr = learning_rate(lr_arg, "lion_lean_");
+  if (params.empty()) return;
+  const std::array<lean::StateList, 1> states{
+      lean::StateList{"exp_avgs", exp_avgs, "exp_avg_absmaxes", exp_avg_absmaxes}};
+  const lean::LeanSpec spec = lean::check_lean_lists("lion_lean_", params, grads, states,
+                                                     param_extras, state_steps, param_mode);
+  if (skip_step(found_inf)) return;
+  std::vector<double> steps(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    steps[i] = read_scalar(state_steps[i]) + 1.0;
+    write_scalar(state_steps[i], steps[i]);
+  }
+  const LionHyper h{lr, beta1, beta2, weight_decay, maximize, grad_unscale(grad_scale)};
+  lean::dispatch_lean_dtypes(spec, [&](auto param_type, auto state_type) {
+    using scalar_t = typename decltype(param_type)::type;
+    using state_t = typename decltype(state_type)::type;
+    const auto rule = lion_rule<Vec>(h);
+    lean::run_lean_chunks<scalar_t, state_t, true>(spec, params, grads, states, param_extras,
+                                                   steps, h.unscale,
+                                                   [&](int64_t) { return rule; });
+  });
+}
+
 }  // namespace
 }  // namespace fusedopt::cpu
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("lion_", &fusedopt::cpu::lion_cpu<double>);
   m.impl("lion_.tensor_lr", &fusedopt::cpu::lion_cpu<const at::Tensor&>);
+  m.impl("lion_lean_", &fusedopt::cpu::lion_lean_cpu<double>);
+  m.impl("lion_lean_.tensor_lr", &fusedopt::cpu::lion_lean_cpu<const at::Tensor&>);
 }

@@ -165,6 +165,40 @@ class FusedOptimizer(Optimizer):
                         for key, state in out["state"].items()}
         return out
 
+    def _lean_batches(self, group: dict[str, Any], keys: tuple[str, ...],
+                      sparse_error: str) -> dict[tuple, list[list[Tensor]]]:
+        """The lean ops' lists for a lean group's params with grads, one batch per (device,
+        param dtype, moment dtype, param_mode): [params, grads, *moments (keys), *their absmaxes
+        (uint8 only), param_extras, state_steps], local tensors for DTensor params. Each param's
+        state is brought to the group's options first (fusedopt.optim._lean)."""
+        name = type(self).__name__
+        batches: dict[tuple, list[list[Tensor]]] = {}
+        for p, grad in params_with_grads(group, sparse_error):
+            if p.is_complex():
+                raise ValueError(f"fusedopt.{name}: lean states do not support complex params")
+            state = self.state[p]
+            mode = _lean.param_mode(group, p)
+            dtype = _lean.moment_dtype(group, p)
+            if dtype == torch.uint8 and is_dtensor(p):
+                raise NotImplementedError(f"fusedopt.{name}: 8-bit states of DTensor (FSDP2) "
+                                          "params are not supported yet")
+            if "step" not in state:
+                state["step"] = self._step_tensor(p)
+            for key in keys:
+                _lean.conform_moment(state, key, p, dtype)
+            extra = _lean.conform_param_extra(state, p, mode)
+            absmaxes = [state[f"{key}_absmax"] for key in keys] if dtype == torch.uint8 else []
+            lists = batches.setdefault((p.device, p.dtype, dtype, mode),
+                                       [[] for _ in range(4 + 2 * len(keys))])
+            lists[0].append(local_tensor(p))
+            lists[1].append(local_tensor(grad))
+            for column, t in zip(lists[2:], [*(state[key] for key in keys), *absmaxes]):
+                column.append(local_tensor(t))
+            if extra is not None:
+                lists[-2].append(local_tensor(extra))
+            lists[-1].append(state["step"])
+        return batches
+
     @staticmethod
     def _step_tensor(param: Tensor, value: float | Tensor = 0.0) -> Tensor:
         if isinstance(value, Tensor) and value.device == param.device:

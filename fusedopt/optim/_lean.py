@@ -140,3 +140,10 @@ def full_precision_state(state: dict[str, Any]) -> dict[str, Any]:
             value = moment(state, key)
         out[key] = value
     return out
+
+
+def is_as_torch(batch_key: tuple) -> bool:
+    """Whether a batch's states are as torch keeps them (its plain op serves it)."""
+    _, param_dtype, dtype, mode = batch_key
+    return mode == "nearest" and dtype == param_dtype
+

@@ -12,8 +12,6 @@ from fusedopt.optim import _lean
 from fusedopt.optim._base import (
     FusedOptimizer,
     group_tensors,
-    is_dtensor,
-    local_tensor,
     params_with_grads,
     to_float,
 )
@@ -184,44 +182,22 @@ class Adam(FusedOptimizer):
         if group["amsgrad"]:
             raise ValueError("amsgrad is not supported with state_dtype, master_weights, "
                              "kahan_summation or stochastic_rounding")
-        sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
-        batches: dict[tuple, list[list[Tensor]]] = {}
-        for p, grad in params_with_grads(group, sparse_error):
-            if p.is_complex():
-                raise ValueError("fusedopt.Adam: lean states do not support complex params")
-            state = self.state[p]
-            mode = _lean.param_mode(group, p)
-            dtype = _lean.moment_dtype(group, p)
-            if dtype == torch.uint8 and is_dtensor(p):
-                raise NotImplementedError("fusedopt.Adam: 8-bit states of DTensor (FSDP2) "
-                                          "params are not supported yet")
-            if "step" not in state:
-                state["step"] = self._step_tensor(p)
-            for key in ("exp_avg", "exp_avg_sq"):
-                _lean.conform_moment(state, key, p, dtype)
-            extra = _lean.conform_param_extra(state, p, mode)
-            quantized = dtype == torch.uint8
-            row = [p, grad, state["exp_avg"], state["exp_avg_sq"],
-                   state["exp_avg_absmax"] if quantized else None,
-                   state["exp_avg_sq_absmax"] if quantized else None, extra, state["step"]]
-            lists = batches.setdefault((p.device, p.dtype, dtype, mode), [[] for _ in row])
-            for column, t in zip(lists[:-1], row[:-1]):
-                if t is not None:
-                    column.append(local_tensor(t))
-            lists[-1].append(state["step"])
+        batches = self._lean_batches(
+            group, ("exp_avg", "exp_avg_sq"),
+            "Adam does not support sparse gradients, please consider SparseAdam instead")
         beta1, beta2 = group["betas"]
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2,
                      weight_decay=group["weight_decay"], eps=group["eps"],
                      maximize=group["maximize"],
                      decoupled_weight_decay=group["decoupled_weight_decay"],
                      backend=group["backend"], **amp)
-        for (_, param_dtype, dtype, mode), lists in batches.items():
-            if mode == "nearest" and dtype == param_dtype:  # as torch keeps them
+        for key, lists in batches.items():
+            if _lean.is_as_torch(key):
                 params, grads, exp_avgs, exp_avg_sqs, _, _, _, steps = lists
                 functional.adam(params, grads, exp_avgs, exp_avg_sqs, [], steps,
                                 amsgrad=False, **hyper)
             else:
-                functional.adam_lean(*lists, param_mode=mode, **hyper)
+                functional.adam_lean(*lists, param_mode=key[3], **hyper)
 
 
 class AdamW(Adam):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
+from fusedopt.optim import _lean
 from fusedopt.optim._base import FusedOptimizer, group_tensors, params_with_grads, to_float
 
 
@@ -25,7 +26,13 @@ class Lion(FusedOptimizer):
     maximize=False, capturable=False (every step is capturable: it never reads a device value on
     the host), max_grad_norm=None (the global grad-norm clip of fusedopt.Adam),
     backend="auto" | "triton" | "cpp" | "cuda" | "reference".
-    State per param: "exp_avg" (the param's dtype and layout), as lion-pytorch.
+    Lean states, as fusedopt.Adam's (fusedopt.optim._lean; per group): state_dtype (None,
+    torch.float32, torch.bfloat16, torch.float16 or torch.uint8: an 8-bit blockwise exp_avg),
+    and for bf16 / fp16 params at most one of master_weights (True or "compact"),
+    kahan_summation, stochastic_rounding.
+    State per param: "exp_avg" (the param's dtype and layout), as lion-pytorch; lean groups add
+    "step" (a float32 scalar tensor: stochastic rounding's random bits hash it) and the lean
+    options' tensors. full_precision_state_dict() exports fp32 exp_avgs and no extras.
     """
 
     def __init__(
@@ -38,8 +45,13 @@ class Lion(FusedOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool | str = False,
+        kahan_summation: bool = False,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
     ) -> None:
+        _lean.check_options(state_dtype, master_weights, kahan_summation, stochastic_rounding)
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -56,6 +68,10 @@ class Lion(FusedOptimizer):
             weight_decay=weight_decay,
             maximize=maximize,
             capturable=capturable,
+            state_dtype=state_dtype,
+            master_weights=master_weights,
+            kahan_summation=kahan_summation,
+            stochastic_rounding=stochastic_rounding,
             backend=backend,
         )
         super().__init__(params, defaults, max_grad_norm)
@@ -81,6 +97,9 @@ class Lion(FusedOptimizer):
         loss = self._evaluate(closure)
         amp = self._amp_args()
         for group in self.param_groups:
+            if _lean.is_lean(group):
+                self._lean_step(group, amp)
+                continue
             lists: list[list[Tensor]] = [[], [], []]
             has_complex = self._init_group(group, *lists)
             beta1, beta2 = group["betas"]
@@ -89,3 +108,21 @@ class Lion(FusedOptimizer):
                                 weight_decay=group["weight_decay"], maximize=group["maximize"],
                                 backend=group["backend"], **amp)
         return loss
+
+    def _lean_step(self, group: dict[str, Any], amp: dict[str, Tensor | None]) -> None:
+        """One step of a group with lean options: one lion_lean call per (device, param dtype,
+        moment dtype, param_mode); params whose states are as torch keeps them take lion."""
+        batches = self._lean_batches(group, ("exp_avg",), "Lion does not support sparse gradients")
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2,
+                     weight_decay=group["weight_decay"], maximize=group["maximize"],
+                     backend=group["backend"], **amp)
+        for key, lists in batches.items():
+            if _lean.is_as_torch(key):
+                params, grads, exp_avgs, _, _, steps = lists
+                functional.lion(params, grads, exp_avgs, **hyper)
+                # The count lion_lean keeps (no step when GradScaler skips it).
+                found_inf = amp["found_inf"]
+                torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf.to(steps[0]))
+            else:
+                functional.lion_lean(*lists, param_mode=key[3], **hyper)
