@@ -71,6 +71,21 @@ TORCH_LIBRARY(fusedopt, m) {
       "sgd_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, "
       "Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // One SGD step with lean states (math and formats: fusedopt/reference.py::sgd_lean): the
+  // lists, param_mode and state_steps as adam_lean_'s, with momentum_buffers its one state
+  // (signed code; empty, with their absmaxes, when momentum is 0); is_first_step as sgd_'s.
+  m.def(
+      "sgd_lean_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+      "Tensor(d!)[] momentum_buffer_absmaxes, Tensor(e!)[] param_extras, "
+      "Tensor(f!)[] state_steps, *, float lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, bool is_first_step, str param_mode, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "sgd_lean_.tensor_lr(Tensor(a!)[] params, Tensor(b!)[] grads, "
+      "Tensor(c!)[] momentum_buffers, Tensor(d!)[] momentum_buffer_absmaxes, "
+      "Tensor(e!)[] param_extras, Tensor(f!)[] state_steps, *, Tensor lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
+      "str param_mode, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Muon (math: fusedopt/reference.py::muon), in three ops around which the caller stacks and
   // slices (FSDP2 gathers the update between the first two). muon_momentum_: for each i,
   // momentum_buffers[i] = lerp(buf, grads[i], 1 - momentum) and updates[i] = the update to

@@ -32,7 +32,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 # The optimizer ops: each mutates its tensor lists in place and returns nothing, for a float lr
 # (the default overload) and a tensor lr (.tensor_lr); so does each fake.
-OPTIMIZER_OPS = ("adam_", "adam_lean_", "lion_", "lion_lean_", "sgd_")
+OPTIMIZER_OPS = ("adam_", "adam_lean_", "lion_", "lion_lean_", "sgd_", "sgd_lean_")
 
 
 def _mutates_only(*args, **kwargs) -> None:

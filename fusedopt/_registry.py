@@ -191,6 +191,9 @@ REGISTRY: dict[str, dict[str, Implementation]] = {
                     _extension_op("sgd_", "cuda", "CUDA", KERNEL_DTYPES),
                     _extension_op("sgd_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
                     _reference(reference.sgd)),
+    "sgd_lean": _entries(_extension_op("sgd_lean_", "cpp", "CPU", KERNEL_DTYPES,
+                                       contiguous_only=True),
+                         _reference(reference.sgd_lean)),
     # Muon: its elementwise halves (in the params' dtype) and, between them, the Newton-Schulz
     # iteration (keyed by the dtype it computes in: bf16, fp32, and fp64 on CPU).
     "muon_momentum": _entries(_triton_optimizer("muon_momentum"),

@@ -184,6 +184,35 @@ def sgd(
           found_inf=found_inf)
 
 
+def sgd_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    momentum_buffer_absmaxes: list[Tensor],
+    param_extras: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    param_mode: str,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """One SGD step with lean states (an 8-bit or low-precision momentum buffer, masters for
+    bf16 / fp16 params), in place; see reference.sgd_lean."""
+    _step("sgd_lean", (params, grads, momentum_buffers, momentum_buffer_absmaxes, param_extras,
+                       state_steps), backend, lr=lr, momentum=momentum, dampening=dampening,
+          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+          is_first_step=is_first_step, param_mode=param_mode, grad_scale=grad_scale,
+          found_inf=found_inf)
+
+
 def muon_momentum(
     updates: list[Tensor],
     grads: list[Tensor],

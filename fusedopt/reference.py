@@ -434,17 +434,69 @@ def sgd(
     for i, param in enumerate(params):
         dtype = _compute_dtype(param)
         grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
-        p = param.to(dtype)
-        if weight_decay != 0:
-            grad = grad + weight_decay * p
+        buf = momentum_buffers[i].to(dtype) if momentum != 0 and not is_first_step else None
+        p, buf = _sgd_math(param.to(dtype), grad, buf, lr, momentum=momentum,
+                           dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         if momentum != 0:
-            if is_first_step:
-                buf = grad
-            else:
-                buf = momentum * momentum_buffers[i].to(dtype) + (1 - dampening) * grad
             store(momentum_buffers[i], buf)
-            grad = grad + momentum * buf if nesterov else buf
-        store(param, p - _in_compute_dtype(lr, dtype, param.device) * grad)
+        store(param, p)
+
+
+def _sgd_math(p: Tensor, grad: Tensor, buf: Tensor | None, lr: float | Tensor, *,
+              momentum: float, dampening: float, weight_decay: float,
+              nesterov: bool) -> tuple[Tensor, Tensor | None]:
+    """SGD's update of one param (in its compute dtype): (new p, new buffer). buf is None on
+    the first step (it becomes the grad) and without momentum (it stays None)."""
+    if weight_decay != 0:
+        grad = grad + weight_decay * p
+    if momentum != 0:
+        buf = grad if buf is None else momentum * buf + (1 - dampening) * grad
+        grad = grad + momentum * buf if nesterov else buf
+    return p - _in_compute_dtype(lr, p.dtype, p.device) * grad, buf
+
+
+def sgd_lean(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    momentum_buffer_absmaxes: list[Tensor],
+    param_extras: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+    param_mode: str,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One SGD step (sgd's rule) with lean states, as adam_lean keeps them: momentum_buffers
+    (empty when momentum is 0) in any float dtype, or 8-bit blockwise (uint8, signed code) with
+    their absmaxes (empty otherwise); the params updated per param_mode, param_extras its extra
+    tensor per param. state_steps count the steps (stochastic rounding's random bits hash them).
+    When found_inf is non-zero nothing changes."""
+    store = _store_unless(found_inf)
+    quantized = bool(momentum_buffer_absmaxes)
+    for i, param in enumerate(params):
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        step = state_steps[i].to(torch.float64) + 1
+        store(state_steps[i], step)
+        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
+        extra = param_extras[i] if param_extras else None
+        absmax = momentum_buffer_absmaxes[i] if quantized else None
+        buf = None
+        if momentum != 0 and not is_first_step:
+            buf = load_state(momentum_buffers[i], absmax, True, dtype)
+        p, buf = _sgd_math(load_param(param, extra, param_mode), grad, buf, lr,
+                           momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                           nesterov=nesterov)
+        if momentum != 0:
+            store_state(momentum_buffers[i], absmax, buf, True, store)
+        store_param(param, extra, p, param_mode, store, step, i)
 
 
 def newton_schulz(

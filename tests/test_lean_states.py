@@ -5,6 +5,7 @@ torch and fp32 runs, checkpoints, and errors."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import pytest
@@ -217,6 +218,34 @@ def test_lion_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, 
     assert all(s.item() == b.item() + 1 for s, b in zip(ours[-1], steps_before))
 
 
+SGD_HYPER = dict(lr=3e-2, dampening=0.1, weight_decay=0.1, maximize=False)
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
+                         ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
+@pytest.mark.parametrize("momentum,nesterov,first", [(0.9, False, False), (0.9, True, False),
+                                                     (0.9, False, True), (0.0, False, False)])
+def test_sgd_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, mode, momentum,
+                                           nesterov, first):
+    """SGD's rule through the same codecs (Adam's exp_avg as the buffer), with and without
+    momentum, Nesterov, and a first step (the buffer becomes the grad)."""
+    lists = lean_inputs(param_dtype, moment_dtype, mode)
+    # params, grads, buffers and their absmaxes (none without momentum), extras, steps
+    ours = [lists[0], lists[1], *((lists[2], lists[4]) if momentum else ([], [])), *lists[6:]]
+    theirs, steps_before = copy.deepcopy(ours), copy.deepcopy(ours[-1])
+    hyper = dict(SGD_HYPER, momentum=momentum, nesterov=nesterov,
+                 dampening=0.0 if nesterov else SGD_HYPER["dampening"], is_first_step=first)
+    functional.sgd_lean(*ours, **hyper, param_mode=mode, backend=backend)
+    functional.sgd_lean(*theirs, **hyper, param_mode=mode, backend="reference")
+    if mode == "stochastic":  # a value an ulp apart may round the other way: within one ulp
+        for a, b in zip(ours[0], theirs[0]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
+        ours, theirs = ours[1:], theirs[1:]
+    assert_lean_close(ours, theirs)
+    assert all(s.item() == b.item() + 1 for s, b in zip(ours[-1], steps_before))
+
+
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)
 def test_lean_op_unscales_and_skips_as_adam(backend):
     lists = lean_inputs(torch.bfloat16, torch.uint8, "compact")
@@ -366,7 +395,8 @@ OPTIONS = {  # name: (param dtype, fusedopt.AdamW keywords)
 # tracks_fp32, cpp, 2026-12-03): AdamW's options within 3%; Lion's within 0.2%, but 8-bit
 # momentum (fp32-8bit, bf16-compact-8bit) 5.8-6.0% above (1.2% at lr 1e-4): Lion's sign update
 # flips where a small momentum's coarse code moves beta1 * m + (1 - beta1) * g across zero.
-OPTIMIZERS = {"AdamW": (fusedopt.AdamW, 1e-3, 0.05), "Lion": (fusedopt.Lion, 3e-4, 0.08)}
+OPTIMIZERS = {"AdamW": (fusedopt.AdamW, 1e-3, 0.05), "Lion": (fusedopt.Lion, 3e-4, 0.08),
+              "SGD": (functools.partial(fusedopt.SGD, momentum=0.9, nesterov=True), 3e-2, 0.05)}
 
 
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)

@@ -77,10 +77,14 @@ LeanSpec check_lean_lists(const char* op, at::TensorList params, at::TensorList 
               op, " (cpu): params must be float32, bfloat16 or float16, got ", dtype);
   check_list(op, params, params, "params", dtype, false);
   check_list(op, params, grads, "grads", dtype, false);
-  const StateList& first = states[0];
-  TORCH_CHECK(!first.values.empty(), "fusedopt.", op, ": expected ", params.size(), " ",
-              first.name, ", got 0");
-  const at::ScalarType state_dtype = first.values[0].scalar_type();
+  // No states (SGD without momentum): the state dtype is moot.
+  at::ScalarType state_dtype = at::kFloat;
+  if constexpr (kStates > 0) {
+    const StateList& first = states[0];
+    TORCH_CHECK(!first.values.empty(), "fusedopt.", op, ": expected ", params.size(), " ",
+                first.name, ", got 0");
+    state_dtype = first.values[0].scalar_type();
+  }
   TORCH_CHECK(state_dtype == at::kFloat || state_dtype == at::kBFloat16 ||
                   state_dtype == at::kHalf || state_dtype == at::kByte,
               "fusedopt.", op, " (cpu): states must be float32, bfloat16, float16 or uint8, got ",
@@ -164,7 +168,7 @@ void run_lean_chunks(const LeanSpec& spec, at::TensorList params, at::TensorList
       auto param = make_param(c.tensor);
       scalar_t* grad = grads[c.tensor].data_ptr<scalar_t>();
       // A braced list runs its initializers in order: codec k gets states[k].
-      size_t k = 0;
+      [[maybe_unused]] size_t k = 0;
       std::tuple<decltype(state_codec<state_t, kSigned>(states[0], 0))...> codecs{
           state_codec<state_t, kSigned>(states[k++], c.tensor)...};
       std::apply(

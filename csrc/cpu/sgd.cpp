@@ -2,6 +2,7 @@
 // region. The math is fusedopt/reference.py::sgd; the op's contract is in csrc/fusedopt.cpp.
 #include <torch/library.h>
 
+#include "lean_step.h"
 #include "multi_tensor.h"
 
 namespace fusedopt::cpu {
@@ -21,34 +22,37 @@ struct SgdHyper {
 // The streams of one tensor, in the op's order.
 constexpr int kMomentumBuffer = 2, kSgdStreams = 3;
 
-// kMomentum: there is a momentum buffer; kFirstStep: it is written only (buf = g), not read.
-// Math in fp32 registers (fp64 for fp64 storage); each constant is formed as the reference forms
-// it (in double from Python floats) and rounded to T once. Every product and sum rounds on its
-// own, in the reference's order.
-template <bool kMomentum, bool kFirstStep, typename scalar_t>
-void sgd_range(scalar_t* const* ptr, int64_t begin, int64_t end, const SgdHyper& h) {
-  using Vec = ComputeVec<scalar_t>;
+// SGD's rule on one vector of each stream. kMomentum: there is a momentum buffer; kFirstStep: it
+// is written only (buf = g), not read. Math in fp32 registers (fp64 for fp64 storage); each
+// constant is formed as the reference forms it (in double from Python floats) and rounded to T
+// once. Every product and sum rounds on its own, in the reference's order.
+template <bool kMomentum, bool kFirstStep, typename Vec>
+auto sgd_rule(const SgdHyper& h) {
   using T = typename Vec::value_type;
   const Vec lr(T(h.lr)), momentum(T(h.momentum)), one_minus_dampening(T(1.0 - h.dampening)),
       weight_decay(T(h.weight_decay)), sign_of_grad(T(h.maximize ? -1 : 1));
   const bool nesterov = h.nesterov;
+  return [=](Vec& p, Vec g, Vec& buf) FUSEDOPT_INLINE_LAMBDA {
+    g = g * sign_of_grad + weight_decay * p;
+    if constexpr (kMomentum) {
+      if constexpr (kFirstStep) {
+        buf = g;
+      } else {
+        buf = momentum * buf + one_minus_dampening * g;
+      }
+      g = nesterov ? g + momentum * buf : buf;
+    }
+    p = p - lr * g;
+  };
+}
 
+template <bool kMomentum, bool kFirstStep, typename scalar_t>
+void sgd_range(scalar_t* const* ptr, int64_t begin, int64_t end, const SgdHyper& h) {
   constexpr unsigned kBuffer = kMomentum ? kStreamMask<kMomentumBuffer> : 0u;
   constexpr unsigned kStored = kStreamMask<kParamStream> | kBuffer;
   constexpr unsigned kLoaded = kStored | kStreamMask<kGradStream>;
   for_each_step<kSgdStreams, kFirstStep ? kLoaded & ~kBuffer : kLoaded, kStored>(
-      ptr, begin, end, h.unscale, [=](Vec& p, Vec g, Vec& buf) {
-        g = g * sign_of_grad + weight_decay * p;
-        if constexpr (kMomentum) {
-          if constexpr (kFirstStep) {
-            buf = g;
-          } else {
-            buf = momentum * buf + one_minus_dampening * g;
-          }
-          g = nesterov ? g + momentum * buf : buf;
-        }
-        p = p - lr * g;
-      });
+      ptr, begin, end, h.unscale, sgd_rule<kMomentum, kFirstStep, ComputeVec<scalar_t>>(h));
 }
 
 // Both overloads of the op: lr_t is double (sgd_) or const at::Tensor& (sgd_.tensor_lr).
@@ -83,10 +87,69 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   });
 }
 
+// sgd_lean_ (csrc/fusedopt.cpp): SGD's rule through lean_step.h's codecs. On a first step the
+// buffer's codec still loads (zeros, as the Python side creates them), and the rule ignores it.
+template <typename lr_t>
+void sgd_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  at::TensorList momentum_buffer_absmaxes, at::TensorList param_extras,
+                  at::TensorList state_steps, lr_t lr_arg, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, bool is_first_step,
+                  c10::string_view param_mode, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  const LearningRate lr = learning_rate(lr_arg, "sgd_lean_");
+  if (params.empty()) return;
+  const bool has_momentum = momentum != 0.0;
+  const lean::StateList buffers{"momentum_buffers", momentum_buffers,
+                                "momentum_buffer_absmaxes", momentum_buffer_absmaxes};
+  const lean::LeanSpec spec =
+      has_momentum ? lean::check_lean_lists("sgd_lean_", params, grads,
+                                            std::array<lean::StateList, 1>{buffers},
+                                            param_extras, state_steps, param_mode)
+                   : lean::check_lean_lists("sgd_lean_", params, grads,
+                                            std::array<lean::StateList, 0>{}, param_extras,
+                                            state_steps, param_mode);
+  TORCH_CHECK(has_momentum || (momentum_buffers.empty() && momentum_buffer_absmaxes.empty()),
+              "fusedopt.sgd_lean_: momentum_buffers must be empty when momentum is 0");
+  if (skip_step(found_inf)) return;
+  std::vector<double> steps(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    steps[i] = read_scalar(state_steps[i]) + 1.0;
+    write_scalar(state_steps[i], steps[i]);
+  }
+  const SgdHyper h{lr.value, momentum, dampening, weight_decay, nesterov, maximize,
+                   grad_unscale(grad_scale)};
+  lean::dispatch_lean_dtypes(spec, [&](auto param_type, auto state_type) {
+    using scalar_t = typename decltype(param_type)::type;
+    using state_t = typename decltype(state_type)::type;
+    const auto run = [&](auto rule) {
+      lean::run_lean_chunks<scalar_t, state_t, true>(
+          spec, params, grads, {buffers}, param_extras, steps, h.unscale,
+          [&](int64_t) { return rule; });
+    };
+    if (!has_momentum) {
+      // No buffer stream: the rule's is a scratch vector.
+      const auto rule = sgd_rule<false, false, Vec>(h);
+      lean::run_lean_chunks<scalar_t, float>(
+          spec, params, grads, {}, param_extras, steps, h.unscale, [&](int64_t) {
+            return [rule](Vec& p, Vec& g) FUSEDOPT_INLINE_LAMBDA {
+              Vec unused;
+              rule(p, g, unused);
+            };
+          });
+    } else if (is_first_step) {
+      run(sgd_rule<true, true, Vec>(h));
+    } else {
+      run(sgd_rule<true, false, Vec>(h));
+    }
+  });
+}
+
 }  // namespace
 }  // namespace fusedopt::cpu
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("sgd_", &fusedopt::cpu::sgd_cpu<double>);
   m.impl("sgd_.tensor_lr", &fusedopt::cpu::sgd_cpu<const at::Tensor&>);
+  m.impl("sgd_lean_", &fusedopt::cpu::sgd_lean_cpu<double>);
+  m.impl("sgd_lean_.tensor_lr", &fusedopt::cpu::sgd_lean_cpu<const at::Tensor&>);
 }

@@ -165,18 +165,21 @@ class FusedOptimizer(Optimizer):
                         for key, state in out["state"].items()}
         return out
 
-    def _lean_batches(self, group: dict[str, Any], keys: tuple[str, ...],
-                      sparse_error: str) -> dict[tuple, list[list[Tensor]]]:
+    def _lean_batches(self, group: dict[str, Any], keys: tuple[str, ...], sparse_error: str,
+                      first_step_key: str | None = None) -> dict[tuple, list[list[Tensor]]]:
         """The lean ops' lists for a lean group's params with grads, one batch per (device,
-        param dtype, moment dtype, param_mode): [params, grads, *moments (keys), *their absmaxes
-        (uint8 only), param_extras, state_steps], local tensors for DTensor params. Each param's
-        state is brought to the group's options first (fusedopt.optim._lean)."""
+        param dtype, moment dtype, param_mode, first step): [params, grads, *moments (keys),
+        *their absmaxes (uint8 only), param_extras, state_steps], local tensors for DTensor
+        params. A param's first step is one whose state lacks first_step_key (SGD's
+        momentum_buffer; never, without it). Each param's state is brought to the group's
+        options first (fusedopt.optim._lean)."""
         name = type(self).__name__
         batches: dict[tuple, list[list[Tensor]]] = {}
         for p, grad in params_with_grads(group, sparse_error):
             if p.is_complex():
                 raise ValueError(f"fusedopt.{name}: lean states do not support complex params")
             state = self.state[p]
+            first_step = first_step_key is not None and first_step_key not in state
             mode = _lean.param_mode(group, p)
             dtype = _lean.moment_dtype(group, p)
             if dtype == torch.uint8 and is_dtensor(p):
@@ -188,7 +191,7 @@ class FusedOptimizer(Optimizer):
                 _lean.conform_moment(state, key, p, dtype)
             extra = _lean.conform_param_extra(state, p, mode)
             absmaxes = [state[f"{key}_absmax"] for key in keys] if dtype == torch.uint8 else []
-            lists = batches.setdefault((p.device, p.dtype, dtype, mode),
+            lists = batches.setdefault((p.device, p.dtype, dtype, mode, first_step),
                                        [[] for _ in range(4 + 2 * len(keys))])
             lists[0].append(local_tensor(p))
             lists[1].append(local_tensor(grad))
@@ -198,6 +201,15 @@ class FusedOptimizer(Optimizer):
                 lists[-2].append(local_tensor(extra))
             lists[-1].append(state["step"])
         return batches
+
+    @staticmethod
+    def _count_step(state_steps: list[Tensor], amp: dict[str, Tensor | None]) -> None:
+        """Advances the step counts as the lean ops do (not when GradScaler skips the step), for
+        a lean group's params that the plain op serves: Lion and SGD keep no count otherwise."""
+        found_inf = amp["found_inf"]
+        if state_steps:
+            torch._foreach_add_(state_steps, 1 if found_inf is None
+                                else 1 - found_inf.to(state_steps[0]))
 
     @staticmethod
     def _step_tensor(param: Tensor, value: float | Tensor = 0.0) -> Tensor:

@@ -144,6 +144,6 @@ def full_precision_state(state: dict[str, Any]) -> dict[str, Any]:
 
 def is_as_torch(batch_key: tuple) -> bool:
     """Whether a batch's states are as torch keeps them (its plain op serves it)."""
-    _, param_dtype, dtype, mode = batch_key
+    _, param_dtype, dtype, mode = batch_key[:4]
     return mode == "nearest" and dtype == param_dtype
 

@@ -121,8 +121,6 @@ class Lion(FusedOptimizer):
             if _lean.is_as_torch(key):
                 params, grads, exp_avgs, _, _, steps = lists
                 functional.lion(params, grads, exp_avgs, **hyper)
-                # The count lion_lean keeps (no step when GradScaler skips it).
-                found_inf = amp["found_inf"]
-                torch._foreach_add_(steps, 1 if found_inf is None else 1 - found_inf.to(steps[0]))
+                self._count_step(steps, amp)
             else:
                 functional.lion_lean(*lists, param_mode=key[3], **hyper)

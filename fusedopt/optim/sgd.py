@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import functional
+from fusedopt.optim import _lean
 from fusedopt.optim._base import FusedOptimizer, group_tensors, params_with_grads, to_float
 
 
@@ -26,8 +27,13 @@ class SGD(FusedOptimizer):
     differentiable=False (True raises, as with torch's fused=True), fused=None (`foreach` and
     `fused` are accepted and change nothing), max_grad_norm=None (the global grad-norm clip of
     fusedopt.Adam), backend="auto" | "triton" | "cpp" | "cuda" | "reference".
+    Lean states, as fusedopt.Adam's (fusedopt.optim._lean; per group): state_dtype (None,
+    torch.float32, torch.bfloat16, torch.float16 or torch.uint8: an 8-bit blockwise momentum
+    buffer), and for bf16 / fp16 params at most one of master_weights (True or "compact"),
+    kahan_summation, stochastic_rounding (these apply with momentum 0 too).
     State per param, as torch's: "momentum_buffer" once a step with momentum != 0 has run
-    (no state at all with momentum 0).
+    (no state at all with momentum 0); lean groups add "step" (a float32 scalar tensor:
+    stochastic rounding's random bits hash it) and the lean options' tensors.
     """
 
     def __init__(
@@ -44,8 +50,13 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        master_weights: bool | str = False,
+        kahan_summation: bool = False,
+        stochastic_rounding: bool = False,
         backend: str = "auto",
     ) -> None:
+        _lean.check_options(state_dtype, master_weights, kahan_summation, stochastic_rounding)
         # torch.optim.SGD's checks, messages and exception types.
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -67,6 +78,10 @@ class SGD(FusedOptimizer):
             foreach=foreach,
             differentiable=differentiable,
             fused=fused,
+            state_dtype=state_dtype,
+            master_weights=master_weights,
+            kahan_summation=kahan_summation,
+            stochastic_rounding=stochastic_rounding,
             backend=backend,
         )
         super().__init__(params, defaults, max_grad_norm)
@@ -94,6 +109,9 @@ class SGD(FusedOptimizer):
         loss = self._evaluate(closure)
         amp = self._amp_args()
         for group in self.param_groups:
+            if _lean.is_lean(group):
+                self._lean_step(group, amp)
+                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             momentum_buffers: list[Tensor | None] = []
@@ -112,3 +130,26 @@ class SGD(FusedOptimizer):
                                is_first_step=key[2] if first_steps else False,
                                backend=group["backend"], **amp)
         return loss
+
+    def _lean_step(self, group: dict[str, Any], amp: dict[str, Tensor | None]) -> None:
+        """One step of a group with lean options: one sgd_lean call per (device, param dtype,
+        buffer dtype, param_mode, first step); params whose states are as torch keeps them take
+        sgd."""
+        has_momentum = group["momentum"] != 0
+        keys = ("momentum_buffer",) if has_momentum else ()
+        sparse_error = ("fusedopt.SGD does not support sparse gradients (as torch's fused SGD); "
+                        "use torch.optim.SGD for them")
+        batches = self._lean_batches(group, keys, sparse_error, "momentum_buffer")
+        hyper = dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                     maximize=group["maximize"], backend=group["backend"], **amp)
+        for key, lists in batches.items():
+            first_step = key[4] and has_momentum
+            if _lean.is_as_torch(key):
+                params, grads, *buffers = lists[:2 + len(keys)]
+                functional.sgd(params, grads, buffers[0] if buffers else [],
+                               is_first_step=first_step, **hyper)
+                self._count_step(lists[-1], amp)
+            else:
+                functional.sgd_lean(*(lists if has_momentum else [*lists[:2], [], [], *lists[2:]]),
+                                    is_first_step=first_step, param_mode=key[3], **hyper)
