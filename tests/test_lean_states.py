@@ -161,6 +161,17 @@ def assert_lean_close(ours, theirs, before=None, quantized_tolerance=0.02):
             assert worst <= 1, f"off by {worst:.3g} times the bound"
 
 
+def without_stochastic_params(mode, ours, theirs, *others):
+    """Under stochastic rounding, checks the params (column 0) within one ulp (a value an ulp
+    apart may round the other way) and drops that column from each list set; else all as given."""
+    sets = (ours, theirs, *others)
+    if mode != "stochastic":
+        return sets
+    for a, b in zip(ours[0], theirs[0]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
+    return tuple(lists[1:] for lists in sets)
+
+
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)
 @pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
                          ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
@@ -188,10 +199,7 @@ def test_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, mode)
                      + estimate_rtol * moved)
             assert ((ours_master - their_master).abs() <= bound).all()
         ours[6], theirs[6], before[6] = [], [], []
-    if mode == "stochastic":  # a value an ulp apart may round the other way: within one ulp
-        for a, b in zip(ours[0], theirs[0]):
-            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
-        ours, theirs, before = ours[1:], theirs[1:], before[1:]
+    ours, theirs, before = without_stochastic_params(mode, ours, theirs, before)
     assert_lean_close(ours, theirs, before if estimate_rtol else None)
 
 
@@ -210,11 +218,7 @@ def test_lion_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, 
     theirs, steps_before = copy.deepcopy(ours), copy.deepcopy(ours[-1])
     functional.lion_lean(*ours, **LION_HYPER, param_mode=mode, backend=backend)
     functional.lion_lean(*theirs, **LION_HYPER, param_mode=mode, backend="reference")
-    if mode == "stochastic":  # a value an ulp apart may round the other way: within one ulp
-        for a, b in zip(ours[0], theirs[0]):
-            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
-        ours, theirs = ours[1:], theirs[1:]
-    assert_lean_close(ours, theirs)
+    assert_lean_close(*without_stochastic_params(mode, ours, theirs))
     assert all(s.item() == b.item() + 1 for s, b in zip(ours[-1], steps_before))
 
 
@@ -238,11 +242,7 @@ def test_sgd_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, m
                  dampening=0.0 if nesterov else SGD_HYPER["dampening"], is_first_step=first)
     functional.sgd_lean(*ours, **hyper, param_mode=mode, backend=backend)
     functional.sgd_lean(*theirs, **hyper, param_mode=mode, backend="reference")
-    if mode == "stochastic":  # a value an ulp apart may round the other way: within one ulp
-        for a, b in zip(ours[0], theirs[0]):
-            torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
-        ours, theirs = ours[1:], theirs[1:]
-    assert_lean_close(ours, theirs)
+    assert_lean_close(*without_stochastic_params(mode, ours, theirs))
     assert all(s.item() == b.item() + 1 for s, b in zip(ours[-1], steps_before))
 
 

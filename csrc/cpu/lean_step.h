@@ -123,6 +123,16 @@ LeanSpec check_lean_lists(const char* op, at::TensorList params, at::TensorList 
   return {dtype, state_dtype, mode};
 }
 
+// Advances every state_steps[i] by one; returns the new steps (stochastic rounding's keys).
+inline std::vector<double> advance_lean_steps(at::TensorList state_steps) {
+  std::vector<double> steps(state_steps.size());
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    steps[i] = read_scalar(state_steps[i]) + 1.0;
+    write_scalar(state_steps[i], steps[i]);
+  }
+  return steps;
+}
+
 // Calls fn(TypeTag<scalar_t>{}, TypeTag<state_t>{}) for the spec's (param, state) dtypes.
 template <typename Fn>
 void dispatch_lean_dtypes(const LeanSpec& spec, const Fn& fn) {

@@ -82,11 +82,7 @@ void lion_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const lean::LeanSpec spec = lean::check_lean_lists("lion_lean_", params, grads, states,
                                                      param_extras, state_steps, param_mode);
   if (skip_step(found_inf)) return;
-  std::vector<double> steps(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    steps[i] = read_scalar(state_steps[i]) + 1.0;
-    write_scalar(state_steps[i], steps[i]);
-  }
+  const std::vector<double> steps = lean::advance_lean_steps(state_steps);
   const LionHyper h{lr, beta1, beta2, weight_decay, maximize, grad_unscale(grad_scale)};
   lean::dispatch_lean_dtypes(spec, [&](auto param_type, auto state_type) {
     using scalar_t = typename decltype(param_type)::type;

@@ -111,11 +111,7 @@ void sgd_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   TORCH_CHECK(has_momentum || (momentum_buffers.empty() && momentum_buffer_absmaxes.empty()),
               "fusedopt.sgd_lean_: momentum_buffers must be empty when momentum is 0");
   if (skip_step(found_inf)) return;
-  std::vector<double> steps(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    steps[i] = read_scalar(state_steps[i]) + 1.0;
-    write_scalar(state_steps[i], steps[i]);
-  }
+  const std::vector<double> steps = lean::advance_lean_steps(state_steps);
   const SgdHyper h{lr.value, momentum, dampening, weight_decay, nesterov, maximize,
                    grad_unscale(grad_scale)};
   lean::dispatch_lean_dtypes(spec, [&](auto param_type, auto state_type) {
