@@ -94,6 +94,12 @@ TORCH_LIBRARY(fusedopt, m) {
   m.def(
       "muon_momentum_(Tensor(a!)[] updates, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
       "float momentum, bool nesterov) -> ()");
+  // muon_momentum_lean_: muon_momentum_ with lean buffers (fusedopt/reference.py::
+  // muon_momentum_lean): momentum_buffers in any float dtype, or uint8 8-bit blockwise codes
+  // (signed) with their fp32 absmaxes (empty otherwise), as adam_lean_'s states.
+  m.def(
+      "muon_momentum_lean_(Tensor(a!)[] updates, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] momentum_buffer_absmaxes, *, float momentum, bool nesterov) -> ()");
   // newton_schulz: the Newton-Schulz orthogonalization of each matrix of x (batch, rows, cols),
   // len(coefficients) / 3 iterations of the flattened (a, b, c) triples, in dtype (accumulating in
   // fp32); returns (batch, rows, cols) in dtype. x is normalized by its Frobenius norm (at least

@@ -46,7 +46,7 @@ for _op in OPTIMIZER_OPS:
 
 # Muon's elementwise ops mutate only, with one overload each; its Newton-Schulz op returns a new
 # matrix batch in the requested dtype.
-for _op in ("muon_momentum_", "muon_update_"):
+for _op in ("muon_momentum_", "muon_momentum_lean_", "muon_update_"):
     if defined(_op):
         torch.library.register_fake(f"fusedopt::{_op}", _mutates_only)
 

@@ -220,12 +220,34 @@ def muon_momentum(
     *,
     momentum: float,
     nesterov: bool,
+    momentum_buffer_absmaxes: list[Tensor] | None = None,
     backend: str = "auto",
 ) -> None:
     """Muon's momentum step, in place; see reference.muon_momentum. updates (written only) are
-    shaped and typed like the grads."""
+    shaped and typed like the grads. Lean buffers (another dtype than the grads', or uint8 with
+    momentum_buffer_absmaxes) take muon_momentum_lean."""
+    if momentum_buffer_absmaxes or (grads and momentum_buffers[0].dtype != grads[0].dtype):
+        muon_momentum_lean(updates, grads, momentum_buffers, momentum_buffer_absmaxes or [],
+                           momentum=momentum, nesterov=nesterov, backend=backend)
+        return
     _step("muon_momentum", (updates, grads, momentum_buffers), backend, momentum=momentum,
           nesterov=nesterov)
+
+
+def muon_momentum_lean(
+    updates: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    momentum_buffer_absmaxes: list[Tensor],
+    *,
+    momentum: float,
+    nesterov: bool,
+    backend: str = "auto",
+) -> None:
+    """Muon's momentum step with lean buffers (another float dtype than the grads', or 8-bit
+    with their absmaxes), in place; see reference.muon_momentum_lean."""
+    _step("muon_momentum_lean", (updates, grads, momentum_buffers, momentum_buffer_absmaxes),
+          backend, momentum=momentum, nesterov=nesterov)
 
 
 def newton_schulz(
@@ -270,11 +292,13 @@ def muon(
     eps: float,
     adjusted_lr: float,
     ns_dtype: torch.dtype,
+    momentum_buffer_absmaxes: list[Tensor] | None = None,
     backend: str = "auto",
 ) -> None:
     """One Muon step of params that share one shape, dtype and device, in place; see
     reference.muon. Their updates are stacked, so that one batched Newton-Schulz iteration
-    orthogonalizes them all (an N-D param as its (shape[0], -1) matrix)."""
+    orthogonalizes them all (an N-D param as its (shape[0], -1) matrix). Lean buffers (another
+    dtype than the grads', or uint8 with momentum_buffer_absmaxes) take muon_momentum_lean."""
     if not params:
         return
     shape = params[0].shape
@@ -288,6 +312,7 @@ def muon(
                             device=grads[0].device)
         muon_momentum([u.view(shape) for u in stack.unbind(0)], grads[chunk],
                       momentum_buffers[chunk], momentum=momentum, nesterov=nesterov,
+                      momentum_buffer_absmaxes=(momentum_buffer_absmaxes or [])[chunk],
                       backend=backend)
         orthogonalized = newton_schulz(stack, coefficients, eps, ns_dtype, backend=backend)
         muon_update(params[chunk], [o.view(shape) for o in orthogonalized.unbind(0)], lr=lr,

@@ -548,6 +548,29 @@ def muon_momentum(
         update.copy_(g.lerp(new_buf, momentum) if nesterov else new_buf)
 
 
+def muon_momentum_lean(
+    updates: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    momentum_buffer_absmaxes: list[Tensor],
+    *,
+    momentum: float,
+    nesterov: bool,
+) -> None:
+    """muon_momentum with lean buffers, as adam_lean keeps its states: momentum_buffers in any
+    float dtype, or 8-bit blockwise (uint8, signed code) with their absmaxes (empty otherwise).
+    The rule runs in fp32 on the buffer's full-precision value; the buffer is rounded
+    (quantized) only as it is stored."""
+    store = _store_unless(None)
+    quantized = bool(momentum_buffer_absmaxes)
+    for i, (update, grad, buf) in enumerate(zip(updates, grads, momentum_buffers)):
+        absmax = momentum_buffer_absmaxes[i] if quantized else None
+        g = grad.to(torch.float32)
+        new_buf = load_state(buf, absmax, True, torch.float32).lerp(g, 1 - momentum)
+        store_state(buf, absmax, new_buf, True, store)
+        update.copy_(g.lerp(new_buf, momentum) if nesterov else new_buf)
+
+
 def muon_update(
     params: list[Tensor],
     orthogonalized: list[Tensor],

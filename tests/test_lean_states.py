@@ -246,6 +246,31 @@ def test_sgd_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, m
     assert all(s.item() == b.item() + 1 for s, b in zip(ours[-1], steps_before))
 
 
+MUON_MODES = [(torch.float32, torch.uint8), (torch.float32, torch.bfloat16),
+              (torch.bfloat16, torch.uint8), (torch.bfloat16, torch.float32),
+              (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("grad_dtype,buffer_dtype", MUON_MODES,
+                         ids=[f"{g}-{b}".replace("torch.", "") for g, b in MUON_MODES])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_momentum_lean_op_matches_the_reference(backend, grad_dtype, buffer_dtype,
+                                                     nesterov):
+    """Muon's momentum through the same codecs (Adam's exp_avg as the buffer): the update, in
+    the grads' dtype, and the stored buffer."""
+    lists = lean_inputs(grad_dtype, buffer_dtype, "nearest")
+    grads, buffers, absmaxes = lists[1], lists[2], lists[4]
+    ours = [[torch.full_like(g, float("nan")) for g in grads], grads, buffers, absmaxes]
+    theirs = copy.deepcopy(ours)
+    functional.muon_momentum(*ours[:3], momentum=0.95, nesterov=nesterov,
+                             momentum_buffer_absmaxes=ours[3], backend=backend)
+    functional.muon_momentum_lean(*theirs, momentum=0.95, nesterov=nesterov,
+                                  backend="reference")
+    assert_lean_close(ours, theirs)
+    assert all(torch.isfinite(u).all() for u in ours[0])
+
+
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)
 def test_lean_op_unscales_and_skips_as_adam(backend):
     lists = lean_inputs(torch.bfloat16, torch.uint8, "compact")
@@ -480,6 +505,69 @@ def test_checkpoints_move_to_and_from_torch_optim(backend):
     assert losses[-1] < losses[0]
 
 
+def muon_problem(dtype, seed=0):
+    """linear_problem at a width where both matrices are 8-bit sized; Muon orthogonalizes the
+    first, and AdamW (use_muon=False) steps the second and the bias."""
+    params, x, y = linear_problem(dtype, seed, width=128)
+    return params, [{"params": params[:1]}, {"params": params[1:], "use_muon": False}], x, y
+
+
+MUON_LR = dict(lr=0.005, adjust_lr_fn="match_rms_adamw")
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+def test_muon_with_lean_states_tracks_fp32(backend):
+    """Muon's buffer and its AdamW moments in bf16 or 8-bit: 200 steps (the loss still falling,
+    ~80x below its start) end within 5% of the fp32 run's loss. Measured (cpp, 2026-12-04):
+    bf16 3.1% above, 8-bit 0.5% below. (At lr 0.02 the runs plateau by step 200, where the
+    final loss wobbles by 10-20% between any two runs.)"""
+    steps = 200 if backend == "cpp" else 40
+    final = {}
+    for state_dtype in (None, torch.bfloat16, torch.uint8):
+        params, groups, x, y = muon_problem(torch.float32)
+        opt = fusedopt.Muon(groups, **MUON_LR, state_dtype=state_dtype, backend=backend)
+        final[state_dtype] = train(params, opt, x, y, steps)[-1]
+        if state_dtype == torch.uint8:
+            w1, w2, bias = (opt.state[p] for p in params)
+            assert w1["momentum_buffer"].dtype == w2["exp_avg"].dtype == torch.uint8
+            assert "momentum_buffer_absmax" in w1 and "exp_avg_sq_absmax" in w2
+            assert bias["exp_avg"].dtype == torch.float32
+    for state_dtype, loss in final.items():
+        assert abs(loss - final[None]) <= 0.05 * final[None], (state_dtype, final)
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8])
+def test_muon_lean_state_dict_round_trips_exactly(backend, state_dtype):
+    def run(save_at: int | None):
+        params, groups, x, y = muon_problem(torch.float32)
+        opt = fusedopt.Muon(groups, **MUON_LR, state_dtype=state_dtype, backend=backend)
+        for step in range(6):
+            if step == save_at:
+                buffer = io.BytesIO()
+                torch.save({"model": [p.detach() for p in params], "opt": opt.state_dict()},
+                           buffer)
+                buffer.seek(0)
+                saved = torch.load(buffer)
+                params, groups, _, _ = muon_problem(torch.float32, seed=1)
+                with torch.no_grad():
+                    for p, value in zip(params, saved["model"]):
+                        p.copy_(value)
+                opt = fusedopt.Muon(groups, **MUON_LR, state_dtype=state_dtype,
+                                    backend=backend)
+                opt.load_state_dict(saved["opt"])
+            train(params, opt, x, y, 1)
+        return params, opt
+
+    params, opt = run(None)
+    resumed_params, resumed = run(3)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            other = resumed.state[q][key]
+            assert other.dtype == value.dtype and torch.equal(other, value), key
+
+
 def test_lean_options_are_checked():
     p = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
     with pytest.raises(ValueError, match="Invalid state_dtype"):
@@ -490,6 +578,8 @@ def test_lean_options_are_checked():
         fusedopt.AdamW(p, master_weights=True, stochastic_rounding=True)
     with pytest.raises(ValueError, match="amsgrad"):
         fusedopt.Adam(p, amsgrad=True, state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="Invalid state_dtype"):
+        fusedopt.Muon(p, state_dtype=torch.int8)
     half = [torch.nn.Parameter(torch.randn(4, dtype=torch.float16))]
     opt = fusedopt.AdamW(half, master_weights="compact")
     half[0].grad = torch.randn(4, dtype=torch.float16)

@@ -139,6 +139,18 @@ struct PlainStream {
   void end_block(int64_t, int64_t) {}
 };
 
+// A stream the update only writes (Muon's update to orthogonalize, in the param's place): load
+// leaves the vectors as they are, unread.
+template <typename scalar_t>
+struct OutputStream {
+  scalar_t* data;
+  FUSEDOPT_INLINE void load(int64_t, int64_t, Vec&, Vec&) const {}
+  FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
+    store_float(data + i, n, lo, hi);
+  }
+  void end_block(int64_t, int64_t) {}
+};
+
 // max(acc, |x|) lane by lane. AVX-512's plain max: a NaN state is lost from the block's absmax
 // rather than spread over the block (the NaN element itself still encodes as a garbage code).
 FUSEDOPT_INLINE Vec max_abs(const Vec& acc, const Vec& x) {

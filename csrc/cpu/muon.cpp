@@ -5,6 +5,7 @@
 // csrc/fusedopt.cpp.
 #include <torch/library.h>
 
+#include "lean_step.h"
 #include "multi_tensor.h"
 
 namespace fusedopt::cpu {
@@ -54,6 +55,60 @@ void muon_momentum_cpu(at::TensorList updates, at::TensorList grads,
                  [&](auto* const* ptr, int64_t, int64_t begin, int64_t end) {
                    momentum_range(ptr, begin, end, momentum, nesterov);
                  });
+}
+
+// muon_momentum_lean_ (csrc/fusedopt.cpp): muon_momentum_'s rule with the buffer in another
+// float dtype, or 8-bit blockwise (signed code), through lean_step.h's codecs; the update is
+// written in the grads' dtype.
+void muon_momentum_lean_cpu(at::TensorList updates, at::TensorList grads,
+                            at::TensorList momentum_buffers,
+                            at::TensorList momentum_buffer_absmaxes, double momentum,
+                            bool nesterov) {
+  if (updates.empty()) return;
+  const char* op = "muon_momentum_lean_";
+  const at::ScalarType dtype = updates[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fusedopt.",
+              op, " (cpu): updates must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(!momentum_buffers.empty(), "fusedopt.", op, ": expected ", updates.size(),
+              " momentum_buffers, got 0");
+  const at::ScalarType buffer_dtype = momentum_buffers[0].scalar_type();
+  TORCH_CHECK(buffer_dtype == at::kFloat || buffer_dtype == at::kBFloat16 ||
+                  buffer_dtype == at::kHalf || buffer_dtype == at::kByte,
+              "fusedopt.", op, " (cpu): momentum_buffers must be float32, bfloat16, float16 or "
+              "uint8, got ", buffer_dtype);
+  lean::check_list(op, updates, updates, "updates", dtype, false);
+  lean::check_list(op, updates, grads, "grads", dtype, false);
+  lean::check_list(op, updates, momentum_buffers, "momentum_buffers", buffer_dtype, false);
+  if (buffer_dtype == at::kByte) {
+    lean::check_list(op, updates, momentum_buffer_absmaxes, "momentum_buffer_absmaxes",
+                     at::kFloat, true);
+  } else {
+    TORCH_CHECK(momentum_buffer_absmaxes.empty(), "fusedopt.", op,
+                ": absmaxes are given only with uint8 momentum_buffers");
+  }
+  const lean::StateList buffers{"momentum_buffers", momentum_buffers,
+                                "momentum_buffer_absmaxes", momentum_buffer_absmaxes};
+  const Vec to_grad{static_cast<float>(1.0 - momentum)},
+      to_grad_rest{1.0f - static_cast<float>(1.0 - momentum)},
+      to_buffer{static_cast<float>(momentum)}, to_buffer_rest{1.0f - static_cast<float>(momentum)};
+  const bool small_to_grad = 1.0 - momentum < 0.5, small_to_buffer = momentum < 0.5;
+  const auto rule = [=](Vec& update, Vec& g, Vec& buf) FUSEDOPT_INLINE_LAMBDA {
+    buf = lerp(buf, g, to_grad, to_grad_rest, small_to_grad);
+    update = nesterov ? lerp(g, buf, to_buffer, to_buffer_rest, small_to_buffer) : buf;
+  };
+  std::vector<int64_t> numels(updates.size());
+  for (size_t i = 0; i < updates.size(); ++i) numels[i] = updates[i].numel();
+  const lean::LeanSpec spec{dtype, buffer_dtype, lean::ParamMode::kNearest};
+  lean::dispatch_lean_dtypes(spec, [&](auto update_type, auto buffer_type) {
+    using scalar_t = typename decltype(update_type)::type;
+    using state_t = typename decltype(buffer_type)::type;
+    parallel_for_chunks(numels, [&](const Chunk& c) {
+      lean::OutputStream<scalar_t> update{updates[c.tensor].data_ptr<scalar_t>()};
+      auto buffer = lean::state_codec<state_t, true>(buffers, c.tensor);
+      lean::for_each_lean_step(c.begin, c.end, GradUnscale{false, 1.0}, rule, update,
+                               grads[c.tensor].data_ptr<scalar_t>(), buffer);
+    });
+  });
 }
 
 // param = param * (1 - lr * weight_decay) - adjusted_lr * ortho, over [begin, end) of one
@@ -129,5 +184,6 @@ void muon_update_cpu(at::TensorList params, at::TensorList orthogonalized, doubl
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
   m.impl("muon_momentum_", &fusedopt::cpu::muon_momentum_cpu);
+  m.impl("muon_momentum_lean_", &fusedopt::cpu::muon_momentum_lean_cpu);
   m.impl("muon_update_", &fusedopt::cpu::muon_update_cpu);
 }

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fusedopt import functional
+from fusedopt.optim import _lean
 from fusedopt.optim._base import DTensor, FusedOptimizer, group_tensors, to_float
 
 # Newton-Schulz coefficient schedules, by name: one (a, b, c) per iteration, the last repeated
@@ -119,8 +120,13 @@ class Muon(FusedOptimizer):
     adjust_lr_fn=None. ns_coefficients may also be a sequence of (a, b, c) triples (one per
     iteration, the last repeated) or a name in NS_SCHEDULES ("quintic", "polar_express").
     Keyword-only: ns_dtype (None: default_ns_dtype), adamw_betas=(0.9, 0.999), adamw_eps=1e-8,
-    backend="auto" | "triton" | "cpp" | "reference". Group key use_muon: None (by ndim), True or
-    False; see muon_param_groups for the usual split.
+    state_dtype=None, backend="auto" | "triton" | "cpp" | "reference". Group key use_muon: None
+    (by ndim), True or False; see muon_param_groups for the usual split.
+
+    state_dtype (as fusedopt.AdamW's; None: the param's dtype) stores the momentum buffers and
+    the AdamW moments in torch.bfloat16, torch.float16, torch.float32, or 8-bit blockwise codes
+    (torch.uint8, with "<key>_absmax" scales; tensors under 4,096 elements keep fp32). The rule
+    runs in fp32 on the decoded values; see fusedopt.optim._lean for the format.
 
     State, as torch's: "momentum_buffer" for orthogonalized params; AdamW's "step", "exp_avg",
     "exp_avg_sq" for the others. Under FSDP2 each matrix's update is gathered whole, orthogonalized
@@ -142,6 +148,7 @@ class Muon(FusedOptimizer):
         ns_dtype: torch.dtype | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
+        state_dtype: torch.dtype | None = None,
         backend: str = "auto",
     ) -> None:
         # torch.optim.Muon's checks, messages and exception types.
@@ -162,6 +169,7 @@ class Muon(FusedOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         if not 0.0 <= adamw_eps:
             raise ValueError(f"Invalid epsilon value: {adamw_eps}")
+        _lean.check_options(state_dtype, False, False, False)
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -175,6 +183,7 @@ class Muon(FusedOptimizer):
             ns_dtype=ns_dtype,
             adamw_betas=tuple(adamw_betas),
             adamw_eps=adamw_eps,
+            state_dtype=state_dtype,
             backend=backend,
         )
         super().__init__(params, defaults)
@@ -207,9 +216,13 @@ class Muon(FusedOptimizer):
         """Performs one optimization step; `closure` re-evaluates the model and returns the loss."""
         loss = self._evaluate(closure)
         for group in self.param_groups:
-            # Muon params by (device, dtype, shape): each key is one batched iteration.
-            batches: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[], [], []])
-            adamw: list[list[Tensor]] = [[], [], [], [], [], []]
+            # Muon params by (device, dtype, shape, DTensor, buffer dtype): each key is one
+            # batched iteration; lists: params, grads, buffers, their absmaxes (8-bit only).
+            batches: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[], [], [], []])
+            # AdamW params by moment dtype: params, grads, exp_avgs, exp_avg_sqs, their absmaxes
+            # (8-bit only), steps.
+            adamw: dict[torch.dtype, list[list[Tensor]]] = defaultdict(
+                lambda: [[], [], [], [], [], [], []])
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -219,32 +232,37 @@ class Muon(FusedOptimizer):
                 if grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients")
                 state = self.state[p]
-                if self._orthogonalized(group, p):
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(
-                            grad, memory_format=torch.preserve_format)
-                    lists = batches[(p.device, p.dtype, p.shape, _is_dtensor(p))]
-                    for lst, t in zip(lists, (p, grad, state["momentum_buffer"])):
-                        lst.append(t)
+                dtype = _lean.moment_dtype(group, p)
+                if dtype == torch.uint8 and _is_dtensor(p):
+                    raise NotImplementedError("fusedopt.Muon: 8-bit states of DTensor (FSDP2) "
+                                              "params are not supported yet")
+                keys = (("momentum_buffer",) if self._orthogonalized(group, p)
+                        else ("exp_avg", "exp_avg_sq"))
+                if len(state) == 0 and len(keys) == 2:
+                    state["step"] = self._step_tensor(p)
+                for key in keys:
+                    _lean.conform_moment(state, key, p, dtype)
+                absmaxes = [state[f"{key}_absmax"] for key in keys] if dtype == torch.uint8 else []
+                if len(keys) == 1:
+                    lists = batches[(p.device, p.dtype, p.shape, _is_dtensor(p), dtype)]
+                    row = (p, grad, state["momentum_buffer"], *absmaxes)
                 else:
-                    if len(state) == 0:
-                        state["step"] = self._step_tensor(p)
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format)
-                    for lst, t in zip(adamw, (p, grad, state["exp_avg"], state["exp_avg_sq"], None,
-                                              state["step"])):
-                        if t is not None:
-                            lst.append(t)
+                    lists = adamw[dtype]
+                    row = (p, grad, state["exp_avg"], state["exp_avg_sq"], *absmaxes)
+                    lists[-1].append(state["step"])
+                for lst, t in zip(lists, row):
+                    lst.append(t)
             if batches:
                 self._muon_step(group, batches)
-            self._adamw_step(group, adamw)
+            for lists in adamw.values():
+                self._adamw_step(group, lists)
         return loss
 
     def _muon_step(self, group: dict[str, Any], batches: dict[tuple, list[list[Tensor]]]) -> None:
         lr = to_float(group["lr"])
         schedule = ns_schedule(group["ns_coefficients"], group["ns_steps"])
-        for (device, dtype, shape, distributed), (params, grads, bufs) in batches.items():
+        for (device, dtype, shape, distributed, _), lists in batches.items():
+            params, grads, bufs, absmaxes = lists
             ns_dtype = group["ns_dtype"] or default_ns_dtype(device, dtype)  # (a DTensor's: local)
             kwargs = dict(lr=lr, weight_decay=group["weight_decay"], momentum=group["momentum"],
                           nesterov=group["nesterov"], coefficients=schedule, eps=group["eps"],
@@ -253,15 +271,24 @@ class Muon(FusedOptimizer):
             if distributed:
                 _sharded_muon(params, grads, bufs, **kwargs)
             else:
-                functional.muon(params, grads, bufs, **kwargs)
+                functional.muon(params, grads, bufs, momentum_buffer_absmaxes=absmaxes, **kwargs)
 
     def _adamw_step(self, group: dict[str, Any], lists: list[list[Tensor]]) -> None:
+        """AdamW for params whose moments share one dtype: adam where they are the params' (as
+        torch keeps them), else adam_lean."""
         beta1, beta2 = group["adamw_betas"]
-        for device_lists in group_tensors(lists, 5, False).values():
-            functional.adam(*device_lists, lr=group["lr"], beta1=beta1, beta2=beta2,
-                            weight_decay=group["weight_decay"], eps=group["adamw_eps"],
-                            amsgrad=False, maximize=False, decoupled_weight_decay=True,
-                            backend=group["backend"])
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                     eps=group["adamw_eps"], maximize=False, decoupled_weight_decay=True,
+                     backend=group["backend"])
+        for (_, dtype), (params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
+                         exp_avg_sq_absmaxes, steps) in group_tensors(lists, 6, False).items():
+            if exp_avgs[0].dtype == dtype:
+                functional.adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                                **hyper)
+            else:
+                functional.adam_lean(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
+                                     exp_avg_sq_absmaxes, [], steps, param_mode="nearest",
+                                     **hyper)
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -278,6 +305,7 @@ def _sharded_muon(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
 
     local = [t.to_local() for t in grads], [t.to_local() for t in bufs]
     updates = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in local[0]]
+    # (8-bit buffers are refused for DTensor params: no absmaxes here.)
     functional.muon_momentum(updates, *local, momentum=momentum, nesterov=nesterov,
                              backend=backend)
     shape = params[0].shape
