@@ -1,13 +1,16 @@
-"""AdamW with lean states on the 25M-param workload, in one run: each mode's step time, the
-bytes it moves and keeps per param, against torch's fused fp32 AdamW and bitsandbytes' AdamW8bit.
+"""Lean states on the 25M-param workload, in one run per algorithm (AdamW, Lion, SGD with
+momentum): each mode's step time, the bytes it moves and keeps per param, against the
+algorithm's baseline (torch's fused fp32 step; for Lion, which torch lacks, fusedopt's fp32 one)
+and bitsandbytes' 8-bit optimizer (AdamW8bit, Lion8bit, SGD8bit; its CPU backend) where it
+installs.
 
-Modes (fusedopt.AdamW options; bf16 modes get bf16 params and grads):
+AdamW modes (fusedopt.AdamW options; bf16 modes get bf16 params and grads):
   fp32 params: fp32 moments; state_dtype=torch.bfloat16; state_dtype=torch.uint8
   bf16 params: bf16 moments (as torch keeps them); master_weights=True with fp32 or 8-bit
     moments; master_weights="compact" with bf16 or 8-bit moments; kahan_summation and
     stochastic_rounding with bf16 moments.
-Peers: torch.optim.AdamW(fused=True) on fp32 params (the baseline) and on bf16 params;
-bitsandbytes.optim.AdamW8bit (its CPU backend) where it installs.
+Lion and SGD modes: fp32 params with fp32, bf16 and 8-bit momentum; bf16 params with the
+compact master and 8-bit momentum.
 
 "state" is what the optimizer owns beyond the param and grad: every tensor in its state but
 the step counts (moments, scales, masters, corrections). "moved" is the bytes one step reads and
@@ -16,7 +19,8 @@ codes read+written 4); GB/s divides that by the step time, and the bandwidth it 
 is measured in the same run (bench_optim.bandwidth_probe, 3 fp32 streams read+written, 1 read).
 
     python bench/bench_lean.py [--rounds 5]
-Writes a table to the terminal, and JSON + Markdown under bench/results/<machine>/lean.*.
+Writes a table per algorithm to the terminal, and JSON + Markdown under
+bench/results/<machine>/lean.*.
 """
 
 from __future__ import annotations
@@ -31,18 +35,22 @@ from bench_optim import bandwidth_probe, timer, workload_shapes
 
 import fusedopt
 
-KW = dict(lr=1e-3, weight_decay=1e-2)
 U8, BF16, FP32 = torch.uint8, torch.bfloat16, torch.float32
+KW = dict(lr=1e-3, weight_decay=1e-2)
+LION_KW = dict(lr=1e-4, weight_decay=1e-2)
+SGD_KW = dict(lr=1e-3, momentum=0.9)
 
-# name: (param dtype, bytes moved per param, make(params) -> optimizer)
-MODES = {
+# name: (param dtype, bytes moved per param, make(params) -> optimizer); the first mode is the
+# baseline, and a str names the bitsandbytes.optim class of the 8-bit peer (measured when it
+# imports and steps on CPU tensors).
+ADAMW_MODES = {
     "torch fused fp32": (FP32, 28, lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
     "fusedopt fp32": (FP32, 28, lambda ps: fusedopt.AdamW(ps, **KW)),
     "fusedopt fp32, bf16 moments": (FP32, 20, lambda ps: fusedopt.AdamW(
         ps, **KW, state_dtype=BF16)),
     "fusedopt fp32, 8-bit moments": (FP32, 16, lambda ps: fusedopt.AdamW(
         ps, **KW, state_dtype=U8)),
-    "bitsandbytes AdamW8bit fp32": (FP32, 16, None),  # filled in when it imports
+    "bitsandbytes AdamW8bit fp32": (FP32, 16, "AdamW8bit"),
     "torch fused bf16": (BF16, 14, lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
     "fusedopt bf16": (BF16, 14, lambda ps: fusedopt.AdamW(ps, **KW)),
     "fusedopt bf16, fp32 master, fp32 moments": (BF16, 28, lambda ps: fusedopt.AdamW(
@@ -60,17 +68,42 @@ MODES = {
 }
 
 
-def bitsandbytes_adamw8bit():
+def momentum_modes(make, kw: dict, baseline: dict, peer: str) -> dict:
+    """Lion's or SGD's modes: one momentum buffer (p 8, g 4, buffer 8 / 4 / 2 bytes moved per
+    fp32 param; bf16 with the compact master: p 4, g 2, correction 2, codes 2)."""
+    return {**baseline,
+            "fusedopt fp32": (FP32, 20, lambda ps: make(ps, **kw)),
+            "fusedopt fp32, bf16 momentum": (FP32, 16, lambda ps: make(ps, **kw,
+                                                                        state_dtype=BF16)),
+            "fusedopt fp32, 8-bit momentum": (FP32, 14, lambda ps: make(ps, **kw,
+                                                                         state_dtype=U8)),
+            f"bitsandbytes {peer} fp32": (FP32, 14, peer),
+            "fusedopt bf16, compact master, 8-bit momentum": (BF16, 10, lambda ps: make(
+                ps, **kw, master_weights="compact", state_dtype=U8))}
+
+
+# algorithm: (its modes, the keywords of its bitsandbytes peer)
+ALGORITHMS = {
+    "adamw": (ADAMW_MODES, KW),
+    "lion": (momentum_modes(fusedopt.Lion, LION_KW, {}, "Lion8bit"), LION_KW),
+    "sgd": (momentum_modes(fusedopt.SGD, SGD_KW, {"torch fused fp32": (
+        FP32, 20, lambda ps: torch.optim.SGD(ps, **SGD_KW, fused=True))}, "SGD8bit"), SGD_KW),
+}
+
+
+def bitsandbytes_optimizer(name: str, kw: dict):
+    """make(params) for bitsandbytes.optim.<name>, or None where it does not run here."""
     try:
         import bitsandbytes
 
         probe = [torch.nn.Parameter(torch.zeros(8192))]
         probe[0].grad = torch.ones(8192)
-        bitsandbytes.optim.AdamW8bit(probe, **KW).step()
+        getattr(bitsandbytes.optim, name)(probe, **kw).step()
     except Exception as error:  # noqa: BLE001 - not installed, or no CPU backend
-        print(f"# bitsandbytes not measured: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"# bitsandbytes {name} not measured: {type(error).__name__}: {error}",
+              file=sys.stderr)
         return None
-    return lambda ps: bitsandbytes.optim.AdamW8bit(ps, **KW)
+    return lambda ps: getattr(bitsandbytes.optim, name)(ps, **kw)
 
 
 def make_params(shapes, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -89,19 +122,19 @@ def owned_bytes(optimizer: torch.optim.Optimizer) -> int:
                for key, value in state.items() if torch.is_tensor(value) and key != "step")
 
 
-def run(rounds: int) -> dict[str, object]:
-    shapes = workload_shapes("large")
+def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int) -> dict[str, object]:
+    """One algorithm's table: its modes interleaved round by round with the bandwidth probe."""
     numel = sum(torch.Size(s).numel() for s in shapes)
-    modes = dict(MODES)
-    peer = bitsandbytes_adamw8bit()
-    if peer is None:
-        del modes["bitsandbytes AdamW8bit fp32"]
-    else:
-        modes["bitsandbytes AdamW8bit fp32"] = (FP32, 16, peer)
+    makers = {}
+    for name, (dtype, moved, make) in modes.items():
+        if isinstance(make, str):
+            make = bitsandbytes_optimizer(make, peer_kw)
+        if make is not None:
+            makers[name] = (dtype, moved, make)
     probe_name, probe, probe_bytes = bandwidth_probe("cpu", numel, 28)
     measure = timer("cpu")
     optimizers = {name: make(make_params(shapes, dtype))
-                  for name, (dtype, _, make) in modes.items()}
+                  for name, (dtype, _, make) in makers.items()}
     for step in [o.step for o in optimizers.values()] + [probe]:  # state, first touch
         step()
         step()
@@ -112,56 +145,69 @@ def run(rounds: int) -> dict[str, object]:
             samples[name].append(measure(opt.step, 1 if name.startswith("bitsandbytes") else 5))
     bandwidth = probe_bytes / statistics.median(samples["bandwidth"]) / 1e9
     medians = {name: statistics.median(samples[name]) for name in optimizers}
-    baseline = medians["torch fused fp32"]
-    baseline_state = owned_bytes(optimizers["torch fused fp32"])
-    bnb = medians.get("bitsandbytes AdamW8bit fp32")
+    baseline_name = next(iter(optimizers))
+    baseline = medians[baseline_name]
+    baseline_state = owned_bytes(optimizers[baseline_name])
+    peer = next((name for name in medians if name.startswith("bitsandbytes")), None)
     rows = {}
     for name, seconds in medians.items():
-        dtype, moved, _ = modes[name]
+        dtype, moved, _ = makers[name]
         state = owned_bytes(optimizers[name])
         rows[name] = {
             "param_dtype": str(dtype).replace("torch.", ""), "ms": seconds * 1e3,
-            "time_vs_torch_fused_fp32": seconds / baseline,
-            "time_vs_bitsandbytes_8bit": seconds / bnb if bnb else None,
-            "state_MB": state / 1e6, "state_vs_torch_fused_fp32": state / baseline_state,
+            "time_vs_baseline": seconds / baseline,
+            "time_vs_bitsandbytes_8bit": seconds / medians[peer] if peer else None,
+            "state_MB": state / 1e6, "state_vs_baseline": state / baseline_state,
             "state_B_per_param": state / numel, "moved_B_per_param": moved,
             "GBps": moved * numel / seconds / 1e9,
             "pct_bandwidth": 100 * moved * numel / seconds / 1e9 / bandwidth,
             "ms_samples": [s * 1e3 for s in samples[name]]}
+    return {"tensors": len(shapes), "params": numel, "bandwidth_GBps": bandwidth,
+            "bandwidth_probe": probe_name, "baseline": baseline_name,
+            "bitsandbytes_peer": peer, "rows": rows}
+
+
+def run(rounds: int, algorithms=tuple(ALGORITHMS)) -> dict[str, object]:
+    shapes = workload_shapes("large")
     return {"machine": _report.machine("cpu"),
-            "results": {"adamw lean": {"tensors": len(shapes), "params": numel,
-                                       "bandwidth_GBps": bandwidth,
-                                       "bandwidth_probe": probe_name, "rows": rows}}}
+            "results": {f"{name} lean": run_algorithm(*ALGORITHMS[name], shapes, rounds)
+                        for name in algorithms}}
+
+
+TITLES = {"adamw lean": "AdamW", "lion lean": "Lion", "sgd lean": "SGD (momentum 0.9)"}
 
 
 def markdown(report: dict[str, object]) -> str:
-    result = report["results"]["adamw lean"]
     lines = _report.header(report["machine"])
-    lines += [f"**AdamW, lean states**: {result['tensors']} tensors, {result['params']:,} params. "
-              f"Measured bandwidth {result['bandwidth_GBps']:.1f} GB/s "
-              f"({result['bandwidth_probe']}).", "",
-              "| mode | params | ms/step | time / torch fused fp32 | time / bnb AdamW8bit | "
-              "state MB | state / torch's | state B/param | moved B/param | GB/s | "
-              "% of bandwidth |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, row in result["rows"].items():
-        bnb = row["time_vs_bitsandbytes_8bit"]
-        lines.append(
-            f"| {name} | {row['param_dtype']} | {row['ms']:.2f} | "
-            f"{row['time_vs_torch_fused_fp32']:.2f} | {'' if bnb is None else f'{bnb:.3f}'} | "
-            f"{row['state_MB']:.1f} | {row['state_vs_torch_fused_fp32']:.2f} | "
-            f"{row['state_B_per_param']:.2f} | {row['moved_B_per_param']} | "
-            f"{row['GBps']:.1f} | {row['pct_bandwidth']:.0f}% |")
+    for key, result in report["results"].items():
+        lines += ["", f"**{TITLES[key]}, lean states**: {result['tensors']} tensors, "
+                  f"{result['params']:,} params. Measured bandwidth "
+                  f"{result['bandwidth_GBps']:.1f} GB/s ({result['bandwidth_probe']}). "
+                  f"Baseline: {result['baseline']}.", "",
+                  "| mode | params | ms/step | time / baseline | time / bnb 8-bit | "
+                  "state MB | state / baseline's | state B/param | moved B/param | GB/s | "
+                  "% of bandwidth |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, row in result["rows"].items():
+            bnb = row["time_vs_bitsandbytes_8bit"]
+            lines.append(
+                f"| {name} | {row['param_dtype']} | {row['ms']:.2f} | "
+                f"{row['time_vs_baseline']:.2f} | {'' if bnb is None else f'{bnb:.3f}'} | "
+                f"{row['state_MB']:.1f} | {row['state_vs_baseline']:.2f} | "
+                f"{row['state_B_per_param']:.2f} | {row['moved_B_per_param']} | "
+                f"{row['GBps']:.1f} | {row['pct_bandwidth']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS),
+                        default=list(ALGORITHMS))
     parser.add_argument("--out", default=None,
                         help="results file stem (default: bench/results/<machine>/lean)")
     args = parser.parse_args()
-    report = run(args.rounds)
+    report = run(args.rounds, args.algorithms)
     text = markdown(report)
     print(text)
     _report.write(args.out or _report.results_dir("cpu") / "lean", report, text)
