@@ -275,6 +275,19 @@ def store_state(state: Tensor, absmax: Tensor | None, value: Tensor, signed: boo
         store(absmax, new_absmax)
 
 
+def _lean_params(params: list[Tensor], grads: list[Tensor], param_extras: list[Tensor],
+                 state_steps: list[Tensor], grad_scale: Tensor | None, maximize: bool, store):
+    """What every lean step does first, per param: advance its step (stored unless found_inf),
+    and unscale its grad. Yields (i, the compute dtype, the new step, the grad, the param's
+    extra tensor or None)."""
+    for i, param in enumerate(params):
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        step = state_steps[i].to(torch.float64) + 1
+        store(state_steps[i], step)
+        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
+        yield i, dtype, step, grad, (param_extras[i] if param_extras else None)
+
+
 def adam_lean(
     params: list[Tensor],
     grads: list[Tensor],
@@ -304,12 +317,9 @@ def adam_lean(
     changes."""
     store = _store_unless(found_inf)
     quantized = bool(exp_avg_absmaxes)
-    for i, param in enumerate(params):
-        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-        step = state_steps[i].to(torch.float64) + 1
-        store(state_steps[i], step)
-        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
-        extra = param_extras[i] if param_extras else None
+    for i, dtype, step, grad, extra in _lean_params(params, grads, param_extras, state_steps,
+                                                    grad_scale, maximize, store):
+        param = params[i]
         m_absmax = exp_avg_absmaxes[i] if quantized else None
         v_absmax = exp_avg_sq_absmaxes[i] if quantized else None
         p, exp_avg, exp_avg_sq, _ = _adam_math(
@@ -389,12 +399,9 @@ def lion_lean(
     found_inf is non-zero nothing changes."""
     store = _store_unless(found_inf)
     quantized = bool(exp_avg_absmaxes)
-    for i, param in enumerate(params):
-        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-        step = state_steps[i].to(torch.float64) + 1
-        store(state_steps[i], step)
-        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
-        extra = param_extras[i] if param_extras else None
+    for i, dtype, step, grad, extra in _lean_params(params, grads, param_extras, state_steps,
+                                                    grad_scale, maximize, store):
+        param = params[i]
         absmax = exp_avg_absmaxes[i] if quantized else None
         p, exp_avg = _lion_math(load_param(param, extra, param_mode), grad,
                                 load_state(exp_avgs[i], absmax, True, dtype), lr, beta1=beta1,
@@ -481,12 +488,9 @@ def sgd_lean(
     When found_inf is non-zero nothing changes."""
     store = _store_unless(found_inf)
     quantized = bool(momentum_buffer_absmaxes)
-    for i, param in enumerate(params):
-        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-        step = state_steps[i].to(torch.float64) + 1
-        store(state_steps[i], step)
-        grad = _unscaled_grad(grads[i], dtype, grad_scale, maximize, store)
-        extra = param_extras[i] if param_extras else None
+    for i, dtype, step, grad, extra in _lean_params(params, grads, param_extras, state_steps,
+                                                    grad_scale, maximize, store):
+        param = params[i]
         absmax = momentum_buffer_absmaxes[i] if quantized else None
         buf = None
         if momentum != 0 and not is_first_step:
