@@ -447,16 +447,15 @@ def test_training_with_each_option_tracks_fp32(backend, optimizer):
         assert final["bf16-nearest"] > 1.1 * fp32, final
 
 
-@pytest.mark.parametrize("backend", LEAN_BACKENDS)
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("name", list(OPTIONS))
-def test_state_dict_round_trips_exactly(backend, optimizer, name):
-    dtype, options = OPTIONS[name]
-    make, _, _ = OPTIMIZERS[optimizer]
+def assert_resumes_exactly(problem, make):
+    """6 steps straight equal 3 steps, a torch.save / torch.load of the params and the
+    optimizer's state_dict into fresh ones (other values, overwritten), and 3 more: the same
+    params and every state tensor, dtypes included. problem(seed) -> (params, what make takes,
+    x, y)."""
 
     def run(save_at: int | None):
-        params, x, y = linear_problem(dtype)
-        opt = make(params, lr=1e-2, **options, backend=backend)
+        params, arg, x, y = problem(0)
+        opt = make(arg)
         for step in range(6):
             if step == save_at:
                 buffer = io.BytesIO()
@@ -464,11 +463,11 @@ def test_state_dict_round_trips_exactly(backend, optimizer, name):
                            buffer)
                 buffer.seek(0)
                 saved = torch.load(buffer)
-                params, _, _ = linear_problem(dtype, seed=1)  # fresh ones, overwritten
+                params, arg, _, _ = problem(1)
                 with torch.no_grad():
                     for p, value in zip(params, saved["model"]):
                         p.copy_(value)
-                opt = make(params, lr=1e-2, **options, backend=backend)
+                opt = make(arg)
                 opt.load_state_dict(saved["opt"])
             train(params, opt, x, y, 1)
         return params, opt
@@ -480,6 +479,20 @@ def test_state_dict_round_trips_exactly(backend, optimizer, name):
         for key, value in opt.state[p].items():
             other = resumed.state[q][key]
             assert other.dtype == value.dtype and torch.equal(other, value), key
+
+
+@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_state_dict_round_trips_exactly(backend, optimizer, name):
+    dtype, options = OPTIONS[name]
+    make, _, _ = OPTIMIZERS[optimizer]
+
+    def problem(seed):
+        params, x, y = linear_problem(dtype, seed)
+        return params, params, x, y
+
+    assert_resumes_exactly(problem, lambda ps: make(ps, lr=1e-2, **options, backend=backend))
 
 
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)
@@ -539,33 +552,10 @@ def test_muon_with_lean_states_tracks_fp32(backend):
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8])
 def test_muon_lean_state_dict_round_trips_exactly(backend, state_dtype):
-    def run(save_at: int | None):
-        params, groups, x, y = muon_problem(torch.float32)
-        opt = fusedopt.Muon(groups, **MUON_LR, state_dtype=state_dtype, backend=backend)
-        for step in range(6):
-            if step == save_at:
-                buffer = io.BytesIO()
-                torch.save({"model": [p.detach() for p in params], "opt": opt.state_dict()},
-                           buffer)
-                buffer.seek(0)
-                saved = torch.load(buffer)
-                params, groups, _, _ = muon_problem(torch.float32, seed=1)
-                with torch.no_grad():
-                    for p, value in zip(params, saved["model"]):
-                        p.copy_(value)
-                opt = fusedopt.Muon(groups, **MUON_LR, state_dtype=state_dtype,
-                                    backend=backend)
-                opt.load_state_dict(saved["opt"])
-            train(params, opt, x, y, 1)
-        return params, opt
-
-    params, opt = run(None)
-    resumed_params, resumed = run(3)
-    for p, q in zip(params, resumed_params):
-        assert torch.equal(p, q)
-        for key, value in opt.state[p].items():
-            other = resumed.state[q][key]
-            assert other.dtype == value.dtype and torch.equal(other, value), key
+    assert_resumes_exactly(functools.partial(muon_problem, torch.float32),
+                           lambda groups: fusedopt.Muon(groups, **MUON_LR,
+                                                        state_dtype=state_dtype,
+                                                        backend=backend))
 
 
 def test_lean_options_are_checked():
