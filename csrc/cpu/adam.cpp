@@ -48,6 +48,7 @@ auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   // Options become neutral constants instead of branches: maximize is a sign, Adam's coupled
   // weight decay a zero for AdamW, AdamW's decay factor a one for Adam.
   const bool decoupled = h.decoupled_weight_decay;
+  const bool coupled = !decoupled && h.weight_decay != 0;
   const T sign(h.maximize ? -1 : 1);
   const Vec one_minus_beta1(T(1.0 - h.beta1)), beta1(T(h.beta1)), beta2(T(h.beta2)),
       one_minus_beta2(T(1.0 - h.beta2)), eps(T(h.eps)), step_size(T(s.step_size)),
@@ -58,7 +59,7 @@ auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   return [=](Vec& p, Vec g, Vec& m, Vec& v, Vec& v_max) FUSEDOPT_INLINE_LAMBDA {
     if constexpr (kEstimate) {
       // g + sign cwd p = sign (sign g + cwd p): the sign rides on (1 - beta1), and g * g drops it.
-      g = at::vec::fmadd(signed_coupled_weight_decay, p, g);
+      if (coupled) g = at::vec::fmadd(signed_coupled_weight_decay, p, g);
       m = at::vec::fmadd(g, signed_one_minus_beta1, m * beta1);
       v = at::vec::fmadd(g, g * one_minus_beta2, v * beta2);
       const Vec denom = at::vec::fmadd(lean::sqrt_estimate(v), inv_bc2_sqrt, eps);

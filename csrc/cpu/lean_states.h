@@ -136,6 +136,7 @@ struct PlainStream {
   FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
     store_float(data + i, n, lo, hi);
   }
+  void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
 };
 
@@ -148,16 +149,31 @@ struct OutputStream {
   FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
     store_float(data + i, n, lo, hi);
   }
+  void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
 };
 
-// max(acc, |x|) lane by lane. AVX-512's plain max: a NaN state is lost from the block's absmax
-// rather than spread over the block (the NaN element itself still encodes as a garbage code).
-FUSEDOPT_INLINE Vec max_abs(const Vec& acc, const Vec& x) {
+// max(a, b) lane by lane. AVX-512's plain max, without at::vec::maximum's NaN compare and
+// blend: a NaN state is lost from the block's absmax rather than spread over the block (the NaN
+// element itself still encodes as a garbage code).
+FUSEDOPT_INLINE Vec max_plain(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_max_ps(acc, x.abs());
+  return _mm512_max_ps(a, b);
 #else
-  return at::vec::maximum(acc, x.abs());
+  return at::vec::maximum(a, b);
+#endif
+}
+
+// max(acc, |x|) lane by lane.
+FUSEDOPT_INLINE Vec max_abs(const Vec& acc, const Vec& x) { return max_plain(acc, x.abs()); }
+
+// The largest lane of x.
+FUSEDOPT_INLINE float reduce_max(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(x);
+#else
+  return at::vec::vec_reduce_all<float>(
+      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, x);
 #endif
 }
 
@@ -173,15 +189,18 @@ struct BlockwiseStream {
   uint8_t* codes;
   float* absmax;
   float scale = 0;  // the block's stored absmax / kLevels^4
+  int64_t block_begin = 0;
   Vec new_absmax = Vec(0.0f);
   alignas(64) float pending[kQuantBlock];
 
-  FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) {
-    if (i % kQuantBlock == 0) {
-      const float levels_squared = kLevels * kLevels;
-      scale = absmax[i / kQuantBlock] / (levels_squared * levels_squared);
-      new_absmax = Vec(0.0f);
-    }
+  // The block from `begin` (a multiple of kQuantBlock) starts.
+  FUSEDOPT_INLINE void begin_block(int64_t begin) {
+    const float levels_squared = kLevels * kLevels;
+    scale = absmax[begin / kQuantBlock] / (levels_squared * levels_squared);
+    new_absmax = Vec(0.0f);
+    block_begin = begin;
+  }
+  FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
     load_codes<kCode>(codes + i, n, lo, hi);
     lo = decode(lo);
     hi = decode(hi);
@@ -194,7 +213,7 @@ struct BlockwiseStream {
     return kSigned ? x | (d & Vec(-0.0f)) : x;
   }
   FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) {
-    float* dst = pending + i % kQuantBlock;
+    float* dst = pending + (i - block_begin);
     if (n == kVecStep) {
       lo.store(dst);
       hi.store(dst + Vec::size());
@@ -210,12 +229,11 @@ struct BlockwiseStream {
   }
   FUSEDOPT_INLINE void gather_absmax(const Vec& lo, const Vec& hi) {
     new_absmax = kSigned ? max_abs(max_abs(new_absmax, lo), hi)
-                         : at::vec::maximum(at::vec::maximum(new_absmax, lo), hi);
+                         : max_plain(max_plain(new_absmax, lo), hi);
   }
   // Encodes the block [begin, begin + n) from `pending`.
   FUSEDOPT_INLINE void end_block(int64_t begin, int64_t n) {
-    const float block_max = at::vec::vec_reduce_all<float>(
-        [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, new_absmax);
+    const float block_max = reduce_max(new_absmax);
     absmax[begin / kQuantBlock] = block_max;
     // kLevels^4 / absmax: the fourth root of |x| times it is the code's steps from zero.
     const float levels_squared = kLevels * kLevels;
@@ -249,6 +267,7 @@ struct MasterParam {
     store_float(master + i, n, lo, hi);
     store_float(param + i, n, lo, hi);
   }
+  void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
 };
 
@@ -281,6 +300,7 @@ struct CompactParam {
     const Vec error = (value - p) / half_ulp(p);
     return at::vec::clamp(error, Vec(-1.0f), Vec(1.0f)) * Vec(127.0f);
   }
+  void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
 };
 
@@ -303,6 +323,7 @@ struct KahanParam {
     store_float(param + i, n, p_lo, p_hi);
     store_float(compensation + i, n, lo - p_lo, hi - p_hi);
   }
+  void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
 };
 
@@ -339,6 +360,7 @@ struct StochasticParam {
       std::memcpy(&param[i + j], &half, sizeof(half));
     }
   }
+  void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
 };
 
@@ -353,8 +375,8 @@ FUSEDOPT_INLINE void apply_update(const UpdateFn& update, Vec& p, Vec& g, Vec* s
 // elements [begin, end) of one tensor, kVecStep elements at a time. [begin, end) is a whole number
 // of kQuantBlock blocks from the tensor's start, or runs up to its end. The param is read and
 // written through its codec, the grad is loaded (and, when unscale.active, unscaled and stored
-// back) and each state goes through its codec; after each block every state codec's end_block
-// runs (where 8-bit states are encoded).
+// back) and each state goes through its codec. Each block starts with every state codec's
+// begin_block and ends with its end_block (where 8-bit states are encoded).
 template <typename scalar_t, typename ParamCodec, typename UpdateFn, typename... StateCodecs>
 FUSEDOPT_INLINE void for_each_lean_step(int64_t begin, int64_t end, const GradUnscale& unscale,
                                         const UpdateFn& update, ParamCodec& param,
@@ -364,6 +386,7 @@ FUSEDOPT_INLINE void for_each_lean_step(int64_t begin, int64_t end, const GradUn
   const Vec grad_scale(static_cast<float>(unscale.scale));
   for (int64_t block = begin; block < end; block += kQuantBlock) {
     const int64_t block_end = std::min(block + kQuantBlock, end);
+    (states.begin_block(block), ...);
     for (int64_t i = block; i < block_end; i += kVecStep) {
       const int64_t n = std::min(kVecStep, block_end - i);
       Vec p_lo, p_hi, g_lo, g_hi, s_lo[kStates], s_hi[kStates];
