@@ -18,9 +18,10 @@ writes per param by the format (say, fp32 params with 8-bit moments: p read+writ
 codes read+written 4); GB/s divides that by the step time, and the bandwidth it is compared with
 is measured in the same run (bench_optim.bandwidth_probe, 3 fp32 streams read+written, 1 read).
 
-    python bench/bench_lean.py [--rounds 5]
+    python bench/bench_lean.py [--rounds 5] [--device cuda]
 Writes a table per algorithm to the terminal, and JSON + Markdown under
-bench/results/<machine>/lean.*.
+bench/results/<machine>/lean.*. On CUDA the fusedopt modes run the Triton kernels, and the
+bandwidth probe is torch's in-place add (12 B/elem).
 """
 
 from __future__ import annotations
@@ -91,13 +92,13 @@ ALGORITHMS = {
 }
 
 
-def bitsandbytes_optimizer(name: str, kw: dict):
+def bitsandbytes_optimizer(name: str, kw: dict, device: str):
     """make(params) for bitsandbytes.optim.<name>, or None where it does not run here."""
     try:
         import bitsandbytes
 
-        probe = [torch.nn.Parameter(torch.zeros(8192))]
-        probe[0].grad = torch.ones(8192)
+        probe = [torch.nn.Parameter(torch.zeros(8192, device=device))]
+        probe[0].grad = torch.ones(8192, device=device)
         getattr(bitsandbytes.optim, name)(probe, **kw).step()
     except Exception as error:  # noqa: BLE001 - not installed, or no CPU backend
         print(f"# bitsandbytes {name} not measured: {type(error).__name__}: {error}",
@@ -106,12 +107,12 @@ def bitsandbytes_optimizer(name: str, kw: dict):
     return lambda ps: getattr(bitsandbytes.optim, name)(ps, **kw)
 
 
-def make_params(shapes, dtype: torch.dtype) -> list[torch.Tensor]:
+def make_params(shapes, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     params = []
     for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype))
-        p.grad = (torch.randn(shape, generator=generator) * 1e-2).to(dtype)
+        p = torch.nn.Parameter(torch.randn(shape, generator=generator).to(device, dtype))
+        p.grad = (torch.randn(shape, generator=generator) * 1e-2).to(device, dtype)
         params.append(p)
     return params
 
@@ -122,18 +123,19 @@ def owned_bytes(optimizer: torch.optim.Optimizer) -> int:
                for key, value in state.items() if torch.is_tensor(value) and key != "step")
 
 
-def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int) -> dict[str, object]:
+def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int, device: str
+                  ) -> dict[str, object]:
     """One algorithm's table: its modes interleaved round by round with the bandwidth probe."""
     numel = sum(torch.Size(s).numel() for s in shapes)
     makers = {}
     for name, (dtype, moved, make) in modes.items():
         if isinstance(make, str):
-            make = bitsandbytes_optimizer(make, peer_kw)
+            make = bitsandbytes_optimizer(make, peer_kw, device)
         if make is not None:
             makers[name] = (dtype, moved, make)
-    probe_name, probe, probe_bytes = bandwidth_probe("cpu", numel, 28)
-    measure = timer("cpu")
-    optimizers = {name: make(make_params(shapes, dtype))
+    probe_name, probe, probe_bytes = bandwidth_probe(device, numel, 28)
+    measure = timer(device)
+    optimizers = {name: make(make_params(shapes, dtype, device))
                   for name, (dtype, _, make) in makers.items()}
     for step in [o.step for o in optimizers.values()] + [probe]:  # state, first touch
         step()
@@ -167,10 +169,10 @@ def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int) -> dict[str, 
             "bitsandbytes_peer": peer, "rows": rows}
 
 
-def run(rounds: int, algorithms=tuple(ALGORITHMS)) -> dict[str, object]:
+def run(rounds: int, algorithms=tuple(ALGORITHMS), device: str = "cpu") -> dict[str, object]:
     shapes = workload_shapes("large")
-    return {"machine": _report.machine("cpu"),
-            "results": {f"{name} lean": run_algorithm(*ALGORITHMS[name], shapes, rounds)
+    return {"machine": _report.machine(device),
+            "results": {f"{name} lean": run_algorithm(*ALGORITHMS[name], shapes, rounds, device)
                         for name in algorithms}}
 
 
@@ -204,13 +206,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS),
                         default=list(ALGORITHMS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=None,
                         help="results file stem (default: bench/results/<machine>/lean)")
     args = parser.parse_args()
-    report = run(args.rounds, args.algorithms)
+    report = run(args.rounds, args.algorithms, args.device)
     text = markdown(report)
     print(text)
-    _report.write(args.out or _report.results_dir("cpu") / "lean", report, text)
+    _report.write(args.out or _report.results_dir(args.device) / "lean", report, text)
 
 
 if __name__ == "__main__":

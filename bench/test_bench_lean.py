@@ -11,7 +11,7 @@ import bench_lean
 @pytest.mark.parametrize("algorithm", list(bench_lean.ALGORITHMS))
 def test_each_mode_steps_and_reports(algorithm):
     modes, peer_kw = bench_lean.ALGORITHMS[algorithm]
-    result = bench_lean.run_algorithm(modes, peer_kw, [(64, 80), (300,)], rounds=1)
+    result = bench_lean.run_algorithm(modes, peer_kw, [(64, 80), (300,)], rounds=1, device="cpu")
     rows = result["rows"]
     assert set(rows) >= {name for name, (_, _, make) in modes.items() if not isinstance(make, str)}
     assert rows[result["baseline"]]["time_vs_baseline"] == 1.0

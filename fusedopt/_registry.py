@@ -63,9 +63,10 @@ def _load_triton_kernels():
         from fusedopt.kernels import adam, lion, muon, newton_schulz, sgd
     except Exception as error:  # noqa: BLE001 - a broken triton install must not break import
         return None, f"the Triton kernels did not import ({type(error).__name__}: {error})"
-    return {"adam": adam.adam, "lion": lion.lion, "sgd": sgd.sgd,
-            "muon_momentum": muon.muon_momentum, "muon_update": muon.muon_update,
-            "newton_schulz": newton_schulz.newton_schulz}, None
+    return {"adam": adam.adam, "adam_lean": adam.adam_lean, "lion": lion.lion,
+            "lion_lean": lion.lion_lean, "sgd": sgd.sgd, "sgd_lean": sgd.sgd_lean,
+            "muon_momentum": muon.muon_momentum, "muon_momentum_lean": muon.muon_momentum_lean,
+            "muon_update": muon.muon_update, "newton_schulz": newton_schulz.newton_schulz}, None
 
 
 _TRITON_OPTIMIZERS, _TRITON_ERROR = _load_triton_kernels()
@@ -175,23 +176,26 @@ REGISTRY: dict[str, dict[str, Implementation]] = {
                      _extension_op("adam_", "cuda", "CUDA", KERNEL_DTYPES),
                      _extension_op("adam_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
                      _reference(reference.adam)),
-    # Adam with lean states (8-bit / low-precision moments, masters): C++ on CPU; elsewhere, for
-    # now, the reference.
-    "adam_lean": _entries(_extension_op("adam_lean_", "cpp", "CPU", KERNEL_DTYPES,
+    # Adam with lean states (8-bit / low-precision moments, masters): Triton on GPUs, C++ on
+    # CPUs (no CUDA C++ kernel yet).
+    "adam_lean": _entries(_triton_optimizer("adam_lean"),
+                          _extension_op("adam_lean_", "cpp", "CPU", KERNEL_DTYPES,
                                         contiguous_only=True),
                           _reference(reference.adam_lean)),
     "lion": _entries(_triton_optimizer("lion"),
                      _extension_op("lion_", "cuda", "CUDA", KERNEL_DTYPES),
                      _extension_op("lion_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
                      _reference(reference.lion)),
-    "lion_lean": _entries(_extension_op("lion_lean_", "cpp", "CPU", KERNEL_DTYPES,
+    "lion_lean": _entries(_triton_optimizer("lion_lean"),
+                          _extension_op("lion_lean_", "cpp", "CPU", KERNEL_DTYPES,
                                         contiguous_only=True),
                           _reference(reference.lion_lean)),
     "sgd": _entries(_triton_optimizer("sgd"),
                     _extension_op("sgd_", "cuda", "CUDA", KERNEL_DTYPES),
                     _extension_op("sgd_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
                     _reference(reference.sgd)),
-    "sgd_lean": _entries(_extension_op("sgd_lean_", "cpp", "CPU", KERNEL_DTYPES,
+    "sgd_lean": _entries(_triton_optimizer("sgd_lean"),
+                         _extension_op("sgd_lean_", "cpp", "CPU", KERNEL_DTYPES,
                                        contiguous_only=True),
                          _reference(reference.sgd_lean)),
     # Muon: its elementwise halves (in the params' dtype) and, between them, the Newton-Schulz
@@ -199,7 +203,8 @@ REGISTRY: dict[str, dict[str, Implementation]] = {
     "muon_momentum": _entries(_triton_optimizer("muon_momentum"),
                               _extension_op("muon_momentum_", "cpp", "CPU", CPU_OPTIMIZER_DTYPES),
                               _reference(reference.muon_momentum)),
-    "muon_momentum_lean": _entries(_extension_op("muon_momentum_lean_", "cpp", "CPU",
+    "muon_momentum_lean": _entries(_triton_optimizer("muon_momentum_lean"),
+                                   _extension_op("muon_momentum_lean_", "cpp", "CPU",
                                                  KERNEL_DTYPES, contiguous_only=True),
                                    _reference(reference.muon_momentum_lean)),
     "newton_schulz": _entries(_triton_optimizer("newton_schulz", contiguous_only=False),

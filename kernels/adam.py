@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .lean import advance_steps, check_lean_lists, launch_lean
 from .multi_tensor import check_betas, check_inputs, check_lengths, flag_bits, launch, pack_flags
 
 AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY = flag_bits(3)
@@ -26,10 +27,15 @@ AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY = flag_bits(3)
 
 @triton.jit
 def _adam_prepare(tensors, lr, scalars, FLAGS: tl.constexpr):
-    """Per-tensor scalars: step size, sqrt of the second bias correction, decoupled decay factor."""
-    step_ptr = tensors[5]
+    """Per-tensor scalars from the tensor's step (tensors[5]): _adam_step_scalars."""
+    return _adam_step_scalars(tl.load(tensors[5]).to(tl.float64) + 1.0, lr, scalars, FLAGS)
+
+
+@triton.jit
+def _adam_step_scalars(step, lr, scalars, FLAGS: tl.constexpr):
+    """Per-tensor scalars of the new step (fp64): step size, sqrt of the second bias correction,
+    decoupled decay factor."""
     _, _, _, log2_beta1, log2_beta2, weight_decay, _ = scalars
-    step = tl.load(step_ptr).to(tl.float64) + 1.0
     # beta ** step as exp2(step * log2(beta)), with log2(beta) taken on the host (in double, then
     # passed as an fp32 argument): 1 - beta ** step keeps its relative accuracy even when beta is
     # close to 1.
@@ -46,6 +52,27 @@ def _adam_update(tensors, offsets, mask, param, grad, prepared, scalars, FLAGS: 
     """The Adam update of one block: exp_avg, exp_avg_sq (and max_exp_avg_sq) in place; returns
     the new param."""
     _, _, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, _ = tensors
+    states = (tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32),
+              tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32))
+    if AMSGRAD & FLAGS:
+        states = states + (tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32),)
+
+    param, states = _adam_rule(param, grad, states, prepared, scalars, FLAGS)
+
+    tl.store(exp_avg_ptr + offsets, states[0].to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, states[1].to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    if AMSGRAD & FLAGS:
+        tl.store(max_exp_avg_sq_ptr + offsets,
+                 states[2].to(max_exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    return param
+
+
+@triton.jit
+def _adam_rule(param, grad, states, prepared, scalars, FLAGS: tl.constexpr):
+    """Adam's rule in fp32 registers (the plain kernel's and the lean one's): states is
+    (exp_avg, exp_avg_sq), then max_exp_avg_sq with AMSGRAD; returns (param, states)."""
+    exp_avg = states[0]
+    exp_avg_sq = states[1]
     step_size, bias_correction2_sqrt, param_decay = prepared
     lerp_weight, beta2, one_minus_beta2, _, _, weight_decay, eps = scalars
     lerp_weight = tl.cast(lerp_weight, tl.float32)
@@ -53,11 +80,6 @@ def _adam_update(tensors, offsets, mask, param, grad, prepared, scalars, FLAGS: 
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
     weight_decay = tl.cast(weight_decay, tl.float32)
     eps = tl.cast(eps, tl.float32)
-
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-    if AMSGRAD & FLAGS:
-        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
     if MAXIMIZE & FLAGS:
         grad = -grad
@@ -73,21 +95,14 @@ def _adam_update(tensors, offsets, mask, param, grad, prepared, scalars, FLAGS: 
     )
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     second_moment = exp_avg_sq
+    new_states = (exp_avg, exp_avg_sq)
     if AMSGRAD & FLAGS:
-        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
+        max_exp_avg_sq = tl.maximum(states[2], exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
         second_moment = max_exp_avg_sq
+        new_states = new_states + (max_exp_avg_sq,)
     denom = tl.sqrt_rn(second_moment) / bias_correction2_sqrt + eps
     param = param - tl.math.div_rn(step_size * exp_avg, denom)
-
-    tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
-    if AMSGRAD & FLAGS:
-        tl.store(
-            max_exp_avg_sq_ptr + offsets,
-            max_exp_avg_sq.to(max_exp_avg_sq_ptr.dtype.element_ty),
-            mask=mask,
-        )
-    return param
+    return param, new_states
 
 
 def adam(
@@ -121,7 +136,46 @@ def adam(
                 f"{step.device}"
             )
 
-    scalars = {  # in the order _adam_prepare and _adam_update unpack them
+    launch(_adam_prepare, _adam_update,
+           [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None],
+           extra_per_tensor=[state_steps],
+           scalars=_adam_scalars(beta1, beta2, weight_decay, eps),
+           flags=_adam_flags(amsgrad, maximize, decoupled_weight_decay), lr=lr,
+           grad_scale=grad_scale, found_inf=found_inf, multi_tensor=multi_tensor)
+    advance_steps(state_steps, found_inf)
+
+
+def adam_lean(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], exp_avg_absmaxes: list[Tensor],
+    exp_avg_sq_absmaxes: list[Tensor], param_extras: list[Tensor], state_steps: list[Tensor],
+    *, lr: float | Tensor, beta1: float, beta2: float, weight_decay: float, eps: float,
+    maximize: bool, decoupled_weight_decay: bool, param_mode: str,
+    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+) -> None:
+    """One Adam / AdamW step (no amsgrad) with lean states, with the Triton lean kernel: the
+    contract of fusedopt.reference.adam_lean (the spec), the inputs that
+    fusedopt.kernels.lean.check_lean_lists takes; the steps advance as adam()'s."""
+    if not params:
+        return
+    quantized = check_lean_lists(
+        "adam_lean", params, grads,
+        {"exp_avgs": (exp_avgs, exp_avg_absmaxes), "exp_avg_sqs": (exp_avg_sqs,
+                                                                    exp_avg_sq_absmaxes)},
+        param_extras, state_steps, param_mode, lr, grad_scale, found_inf)
+    check_betas("adam_lean", beta1, beta2)
+    launch_lean(_adam_step_scalars, _adam_rule, params, grads,
+                [(exp_avgs, exp_avg_absmaxes, True), (exp_avg_sqs, exp_avg_sq_absmaxes, False)],
+                param_extras, state_steps, param_mode=param_mode, quantized=quantized,
+                scalars=_adam_scalars(beta1, beta2, weight_decay, eps),
+                flags=_adam_flags(False, maximize, decoupled_weight_decay), lr=lr,
+                grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _adam_scalars(beta1: float, beta2: float, weight_decay: float, eps: float
+                  ) -> dict[str, float]:
+    """The kernels' scalars, in the order _adam_step_scalars and _adam_rule unpack them."""
+    return {
         "lerp_weight": 1.0 - beta1,
         "beta2": beta2,
         "one_minus_beta2": 1.0 - beta2,
@@ -130,18 +184,11 @@ def adam(
         "weight_decay": weight_decay,
         "eps": eps,
     }
-    flags = pack_flags(
+
+
+def _adam_flags(amsgrad: bool, maximize: bool, decoupled_weight_decay: bool) -> int:
+    return pack_flags(
         (AMSGRAD, amsgrad),
         (MAXIMIZE, maximize),
         (DECOUPLED_WEIGHT_DECAY, decoupled_weight_decay),
     )
-    launch(_adam_prepare, _adam_update,
-           [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None],
-           extra_per_tensor=[state_steps], scalars=scalars, flags=flags, lr=lr,
-           grad_scale=grad_scale, found_inf=found_inf, multi_tensor=multi_tensor)
-
-    # The kernels used step + 1; now advance the stored steps (not at all when found_inf != 0).
-    if found_inf is None:
-        torch._foreach_add_(state_steps, 1.0)
-    else:
-        torch._foreach_add_(state_steps, (found_inf.reshape(()) == 0).to(torch.float32))

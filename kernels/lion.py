@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .lean import check_lean_lists, launch_lean
 from .multi_tensor import check_betas, check_inputs, flag_bits, launch, pack_flags
 
 (MAXIMIZE,) = flag_bits(1)
@@ -21,8 +22,14 @@ from .multi_tensor import check_betas, check_inputs, flag_bits, launch, pack_fla
 
 @triton.jit
 def _lion_prepare(tensors, lr, scalars, FLAGS: tl.constexpr):
-    """Per-tensor scalars: the learning rate and the decoupled decay factor 1 - lr * weight_decay
-    (in fp64, rounded once to fp32)."""
+    """Per-tensor scalars: _lion_step_scalars (Lion keeps no step)."""
+    return _lion_step_scalars(0.0, lr, scalars, FLAGS)
+
+
+@triton.jit
+def _lion_step_scalars(step, lr, scalars, FLAGS: tl.constexpr):
+    """The learning rate and the decoupled decay factor 1 - lr * weight_decay (in fp64, rounded
+    once to fp32); step is not used."""
     _, _, _, _, weight_decay = scalars
     weight_decay = tl.cast(tl.cast(weight_decay, tl.float32), tl.float64)
     param_decay = (1.0 - lr * weight_decay).to(tl.float32)
@@ -33,13 +40,23 @@ def _lion_prepare(tensors, lr, scalars, FLAGS: tl.constexpr):
 def _lion_update(tensors, offsets, mask, param, grad, prepared, scalars, FLAGS: tl.constexpr):
     """The Lion update of one block: exp_avg in place; returns the new param."""
     exp_avg_ptr = tensors[2]
+    states = (tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32),)
+    param, states = _lion_rule(param, grad, states, prepared, scalars, FLAGS)
+    tl.store(exp_avg_ptr + offsets, states[0].to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    return param
+
+
+@triton.jit
+def _lion_rule(param, grad, states, prepared, scalars, FLAGS: tl.constexpr):
+    """Lion's rule in fp32 registers (the plain kernel's and the lean one's): states is
+    (exp_avg,); returns (param, states)."""
+    exp_avg = states[0]
     lr, param_decay = prepared
     beta1, one_minus_beta1, beta2, one_minus_beta2, _ = scalars
     beta1 = tl.cast(beta1, tl.float32)
     one_minus_beta1 = tl.cast(one_minus_beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
 
     if MAXIMIZE & FLAGS:
         grad = -grad
@@ -49,9 +66,7 @@ def _lion_update(tensors, offsets, mask, param, grad, prepared, scalars, FLAGS: 
     param = param * param_decay
     param = param - lr * update
     exp_avg = beta2 * exp_avg + one_minus_beta2 * grad
-
-    tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-    return param
+    return param, (exp_avg,)
 
 
 def lion(
@@ -70,14 +85,41 @@ def lion(
     check_betas("lion", beta1, beta2)
     if not params:
         return
+    launch(_lion_prepare, _lion_update, [params, grads, exp_avgs],
+           scalars=_lion_scalars(beta1, beta2, weight_decay),
+           flags=pack_flags((MAXIMIZE, maximize)), lr=lr,
+           grad_scale=grad_scale, found_inf=found_inf, multi_tensor=multi_tensor)
 
-    scalars = {  # in the order _lion_prepare and _lion_update unpack them
+
+def lion_lean(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_absmaxes: list[Tensor], param_extras: list[Tensor], state_steps: list[Tensor], *,
+    lr: float | Tensor, beta1: float, beta2: float, weight_decay: float, maximize: bool,
+    param_mode: str, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+) -> None:
+    """One Lion step with lean states, with the Triton lean kernel: the contract of
+    fusedopt.reference.lion_lean (the spec), the inputs that
+    fusedopt.kernels.lean.check_lean_lists takes; the step counts advance by one."""
+    if not params:
+        return
+    quantized = check_lean_lists("lion_lean", params, grads,
+                                 {"exp_avgs": (exp_avgs, exp_avg_absmaxes)}, param_extras,
+                                 state_steps, param_mode, lr, grad_scale, found_inf)
+    check_betas("lion_lean", beta1, beta2)
+    launch_lean(_lion_step_scalars, _lion_rule, params, grads,
+                [(exp_avgs, exp_avg_absmaxes, True)], param_extras, state_steps,
+                param_mode=param_mode, quantized=quantized,
+                scalars=_lion_scalars(beta1, beta2, weight_decay),
+                flags=pack_flags((MAXIMIZE, maximize)), lr=lr, grad_scale=grad_scale,
+                found_inf=found_inf)
+
+
+def _lion_scalars(beta1: float, beta2: float, weight_decay: float) -> dict[str, float]:
+    """The kernels' scalars, in the order _lion_step_scalars and _lion_rule unpack them."""
+    return {
         "beta1": beta1,
         "one_minus_beta1": 1.0 - beta1,
         "beta2": beta2,
         "one_minus_beta2": 1.0 - beta2,
         "weight_decay": weight_decay,
     }
-    launch(_lion_prepare, _lion_update, [params, grads, exp_avgs],
-           scalars=scalars, flags=pack_flags((MAXIMIZE, maximize)), lr=lr,
-           grad_scale=grad_scale, found_inf=found_inf, multi_tensor=multi_tensor)

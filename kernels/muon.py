@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .lean import check_lean_lists, launch_lean
 from .multi_tensor import check_inputs, flag_bits, launch, pack_flags
 
 (NESTEROV,) = flag_bits(1)
@@ -38,17 +39,27 @@ def _no_prepare(tensors, lr, scalars, FLAGS: tl.constexpr):
 @triton.jit
 def _momentum_update(tensors, offsets, mask, buffer, grad, prepared, scalars,
                      FLAGS: tl.constexpr):
-    """buf = lerp(buf, g, 1 - momentum); stores the update (Nesterov: lerp(g, buf, momentum));
-    returns buf, which the driver stores in the first stream."""
+    """_momentum_rule on one block: stores the update; returns buf, which the driver stores in
+    the first stream."""
     update_ptr = tensors[2]
+    update, states = _momentum_rule(buffer, grad, (buffer,), prepared, scalars, FLAGS)
+    tl.store(update_ptr + offsets, update.to(update_ptr.dtype.element_ty), mask=mask)
+    return states[0]
+
+
+@triton.jit
+def _momentum_rule(param, grad, states, prepared, scalars, FLAGS: tl.constexpr):
+    """Muon's momentum in fp32 registers (the plain kernel's and the lean one's): states is
+    (buf,); buf = lerp(buf, g, 1 - momentum); returns (the update, (buf,)): buf, or with
+    Nesterov lerp(g, buf, momentum). param is not used (the update is written only)."""
     to_grad, to_grad_rest, to_buffer, to_buffer_rest = scalars
-    buffer = _lerp(buffer, grad, tl.cast(to_grad, tl.float32), tl.cast(to_grad_rest, tl.float32))
+    buffer = _lerp(states[0], grad, tl.cast(to_grad, tl.float32),
+                   tl.cast(to_grad_rest, tl.float32))
     update = buffer
     if NESTEROV & FLAGS:
         update = _lerp(grad, buffer, tl.cast(to_buffer, tl.float32),
                        tl.cast(to_buffer_rest, tl.float32))
-    tl.store(update_ptr + offsets, update.to(update_ptr.dtype.element_ty), mask=mask)
-    return buffer
+    return update, (buffer,)
 
 
 @triton.jit
@@ -67,13 +78,35 @@ def muon_momentum(updates: list[Tensor], grads: list[Tensor], momentum_buffers: 
                  None, None)
     if not momentum_buffers:
         return
+    launch(_no_prepare, _momentum_update, [momentum_buffers, grads, updates],
+           scalars=_momentum_scalars(momentum), flags=pack_flags((NESTEROV, nesterov)), lr=0.0,
+           grad_scale=None, found_inf=None, multi_tensor=multi_tensor)
+
+
+def muon_momentum_lean(updates: list[Tensor], grads: list[Tensor],
+                       momentum_buffers: list[Tensor], momentum_buffer_absmaxes: list[Tensor], *,
+                       momentum: float, nesterov: bool) -> None:
+    """Muon's momentum step with lean buffers, with the Triton lean kernel: the contract of
+    fusedopt.reference.muon_momentum_lean (the spec); updates (written only, in the place of
+    params) and grads of one float dtype, buffers as fusedopt.kernels.lean.check_lean_lists
+    takes states."""
+    if not updates:
+        return
+    quantized = check_lean_lists(
+        "muon_momentum_lean", updates, grads,
+        {"momentum_buffers": (momentum_buffers, momentum_buffer_absmaxes)}, [], None, "output")
+    launch_lean(_no_prepare, _momentum_rule, updates, grads,
+                [(momentum_buffers, momentum_buffer_absmaxes, True)], [], None,
+                param_mode="output", quantized=quantized, scalars=_momentum_scalars(momentum),
+                flags=pack_flags((NESTEROV, nesterov)), lr=0.0, grad_scale=None, found_inf=None)
+
+
+def _momentum_scalars(momentum: float) -> dict[str, float]:
+    """Each lerp weight and its complement as torch forms them (1 - weight in fp32), in the
+    order _momentum_rule unpacks them."""
     weight = 1.0 - momentum
-    # Each lerp weight and its complement as torch forms them: 1 - weight in fp32.
-    scalars = {"to_grad": weight, "to_grad_rest": float(1 - _fp32(weight)),
-               "to_buffer": momentum, "to_buffer_rest": float(1 - _fp32(momentum))}
-    launch(_no_prepare, _momentum_update, [momentum_buffers, grads, updates], scalars=scalars,
-           flags=pack_flags((NESTEROV, nesterov)), lr=0.0, grad_scale=None, found_inf=None,
-           multi_tensor=multi_tensor)
+    return {"to_grad": weight, "to_grad_rest": float(1 - _fp32(weight)),
+            "to_buffer": momentum, "to_buffer_rest": float(1 - _fp32(momentum))}
 
 
 def muon_update(params: list[Tensor], orthogonalized: list[Tensor], *, lr: float,

@@ -171,19 +171,35 @@ def test_gpu_step_captures_in_a_cuda_graph(backend):
     assert ours.state[params[0]]["step"].item() == 5
 
 
+# Lean-state options for the captured step: (id, param dtype, options); the lean kernels are
+# Triton's only (there is no CUDA C++ one).
+LEAN_CAPTURES = [("plain", torch.float32, {}),
+                 ("8bit", torch.float32, {"state_dtype": torch.uint8}),
+                 ("bf16-compact-8bit", torch.bfloat16,
+                  {"state_dtype": torch.uint8, "master_weights": "compact"}),
+                 ("bf16-stochastic", torch.bfloat16, {"stochastic_rounding": True})]
+
+
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("optimizer_cls", ["AdamW", "Lion"])
-def test_gpu_captured_step_follows_an_lr_schedule_and_clips(optimizer_cls, backend):
+@pytest.mark.parametrize("case_id,dtype,options", LEAN_CAPTURES,
+                         ids=[c[0] for c in LEAN_CAPTURES])
+def test_gpu_captured_step_follows_an_lr_schedule_and_clips(optimizer_cls, backend, case_id,
+                                                            dtype, options):
     """A step captured once replays correctly while an LR scheduler changes the device lr
     between replays (filled in place) and new grads of changing norm are copied into the
-    captured ones, with max_grad_norm clipping inside the graph: as eager steps with a float lr."""
+    captured ones, with max_grad_norm clipping inside the graph: as eager steps with a float lr.
+    With lean states too (8-bit moments, compact masters, stochastic rounding, whose random bits
+    hash the device step, so each replay draws anew as the eager steps do)."""
+    if options and backend != "triton":
+        pytest.skip("the lean kernels are Triton's")
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (5, 70000)]
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda").to(dtype)) for n in (5, 70000)]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     make = getattr(fusedopt, optimizer_cls)
     ours = make(params, lr=torch.tensor(1e-2, device="cuda"), capturable=True,
-                max_grad_norm=50.0, backend=backend)
-    eager = make(twins, lr=1e-2, max_grad_norm=50.0, backend=backend)
+                max_grad_norm=50.0, backend=backend, **options)
+    eager = make(twins, lr=1e-2, max_grad_norm=50.0, backend=backend, **options)
     schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8) for opt in (ours, eager)]
 
     def new_grads(scale: float) -> None:

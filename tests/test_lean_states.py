@@ -15,8 +15,15 @@ from conftest import cpu_backend_params
 import fusedopt
 from fusedopt import functional, reference
 
-# Every CPU backend that runs adam_lean here (the C++ one when built; Triton has no lean kernel).
-LEAN_BACKENDS = [b for b in cpu_backend_params() if b.values[0] != "triton"]
+# Every CPU backend that runs the lean ops here (Triton's in the interpreter run).
+LEAN_BACKENDS = cpu_backend_params()
+# The op tests' (backend, device): the CPU backends, then Triton on CUDA tensors where a GPU is.
+OP_BACKENDS = [pytest.param(b.values[0], "cpu", id=b.id, marks=b.marks) for b in LEAN_BACKENDS]
+OP_BACKENDS.append(pytest.param(
+    "triton", "cuda", id="triton-cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available() or not fusedopt.backends()["triton"]["available"],
+        reason="no CUDA GPU with Triton is visible")]))
 SIZES = (1, 255, 257, 4097, 2 * 16384 + 300)  # a partial block, two chunks and a tail
 
 
@@ -104,8 +111,9 @@ MODES = [  # (param dtype, moment dtype, param_mode)
 ]
 
 
-def lean_inputs(param_dtype, moment_dtype, mode, seed=0):
-    """Op arguments with states as a few Adam steps leave them (8-bit ones quantized)."""
+def lean_inputs(param_dtype, moment_dtype, mode, seed=0, device="cpu"):
+    """Op arguments with states as a few Adam steps leave them (8-bit ones quantized), on
+    `device`."""
     g = generator(seed)
     lists = [[] for _ in range(8)]
     for i, n in enumerate(SIZES):
@@ -127,7 +135,7 @@ def lean_inputs(param_dtype, moment_dtype, mode, seed=0):
         for column, t in zip(lists, row):
             if t is not None:
                 column.append(t)
-    return lists
+    return [[t.to(device) for t in column] for column in lists]
 
 
 HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, maximize=False,
@@ -172,13 +180,13 @@ def without_stochastic_params(mode, ours, theirs, *others):
     return tuple(lists[1:] for lists in sets)
 
 
-@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
 @pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
                          ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
-def test_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, mode):
+def test_lean_op_matches_the_reference(backend, device, param_dtype, moment_dtype, mode):
     """One step from states as training leaves them (a second would start from 8-bit states
     that differ by a code here and there, and multiply that difference by lr)."""
-    ours = lean_inputs(param_dtype, moment_dtype, mode)
+    ours = lean_inputs(param_dtype, moment_dtype, mode, device=device)
     theirs, before = copy.deepcopy(ours), copy.deepcopy(ours)
     # Only the 8-bit step computes from estimates (ESTIMATE_RTOL); the others round as the
     # reference does.
@@ -206,14 +214,14 @@ def test_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, mode)
 LION_HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False)
 
 
-@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
 @pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
                          ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
-def test_lion_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, mode):
+def test_lion_lean_op_matches_the_reference(backend, device, param_dtype, moment_dtype, mode):
     """Lion's rule through the same codecs (Adam's inputs less exp_avg_sq): the C++ kernel takes
     the reference's order, so only 8-bit codes (the fourth root's estimate) and stochastic
     rounding's ties may differ."""
-    lists = lean_inputs(param_dtype, moment_dtype, mode)
+    lists = lean_inputs(param_dtype, moment_dtype, mode, device=device)
     ours = [lists[k] for k in (0, 1, 2, 4, 6, 7)]
     theirs, steps_before = copy.deepcopy(ours), copy.deepcopy(ours[-1])
     functional.lion_lean(*ours, **LION_HYPER, param_mode=mode, backend=backend)
@@ -225,16 +233,16 @@ def test_lion_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, 
 SGD_HYPER = dict(lr=3e-2, dampening=0.1, weight_decay=0.1, maximize=False)
 
 
-@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
 @pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
                          ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
 @pytest.mark.parametrize("momentum,nesterov,first", [(0.9, False, False), (0.9, True, False),
                                                      (0.9, False, True), (0.0, False, False)])
-def test_sgd_lean_op_matches_the_reference(backend, param_dtype, moment_dtype, mode, momentum,
-                                           nesterov, first):
+def test_sgd_lean_op_matches_the_reference(backend, device, param_dtype, moment_dtype, mode,
+                                           momentum, nesterov, first):
     """SGD's rule through the same codecs (Adam's exp_avg as the buffer), with and without
     momentum, Nesterov, and a first step (the buffer becomes the grad)."""
-    lists = lean_inputs(param_dtype, moment_dtype, mode)
+    lists = lean_inputs(param_dtype, moment_dtype, mode, device=device)
     # params, grads, buffers and their absmaxes (none without momentum), extras, steps
     ours = [lists[0], lists[1], *((lists[2], lists[4]) if momentum else ([], [])), *lists[6:]]
     theirs, steps_before = copy.deepcopy(ours), copy.deepcopy(ours[-1])
@@ -251,15 +259,15 @@ MUON_MODES = [(torch.float32, torch.uint8), (torch.float32, torch.bfloat16),
               (torch.float16, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("backend", LEAN_BACKENDS)
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
 @pytest.mark.parametrize("grad_dtype,buffer_dtype", MUON_MODES,
                          ids=[f"{g}-{b}".replace("torch.", "") for g, b in MUON_MODES])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_momentum_lean_op_matches_the_reference(backend, grad_dtype, buffer_dtype,
+def test_muon_momentum_lean_op_matches_the_reference(backend, device, grad_dtype, buffer_dtype,
                                                      nesterov):
     """Muon's momentum through the same codecs (Adam's exp_avg as the buffer): the update, in
     the grads' dtype, and the stored buffer."""
-    lists = lean_inputs(grad_dtype, buffer_dtype, "nearest")
+    lists = lean_inputs(grad_dtype, buffer_dtype, "nearest", device=device)
     grads, buffers, absmaxes = lists[1], lists[2], lists[4]
     ours = [[torch.full_like(g, float("nan")) for g in grads], grads, buffers, absmaxes]
     theirs = copy.deepcopy(ours)
@@ -271,9 +279,9 @@ def test_muon_momentum_lean_op_matches_the_reference(backend, grad_dtype, buffer
     assert all(torch.isfinite(u).all() for u in ours[0])
 
 
-@pytest.mark.parametrize("backend", LEAN_BACKENDS)
-def test_lean_op_unscales_and_skips_as_adam(backend):
-    lists = lean_inputs(torch.bfloat16, torch.uint8, "compact")
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_lean_op_unscales_and_skips_as_adam(backend, device):
+    lists = lean_inputs(torch.bfloat16, torch.uint8, "compact", device=device)
     before = copy.deepcopy(lists)
     functional.adam_lean(*lists, **HYPER, param_mode="compact", backend=backend,
                          grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))
@@ -284,6 +292,40 @@ def test_lean_op_unscales_and_skips_as_adam(backend):
     for g, g_before in zip(lists[1], before[1]):
         torch.testing.assert_close(g, (g_before.float() / 4).to(g.dtype))
     assert all(s.item() == b.item() + 1 for s, b in zip(lists[7], before[7]))
+
+
+def test_triton_lean_launchers_reject_bad_lists():
+    """The Triton launchers check their lists before any launch (so this needs no GPU and no
+    interpreter), with the C++ ops' conditions."""
+    pytest.importorskip("triton")
+    from fusedopt.kernels import adam, lean, sgd
+
+    assert lean.QUANT_BLOCK == reference.QUANT_BLOCK
+    lists = lean_inputs(torch.float32, torch.uint8, "nearest")
+    with pytest.raises(ValueError, match=r"exp_avg_absmaxes\[4\] must be a contiguous "
+                                         r"torch.float32 tensor of shape \(130,\)"):
+        adam.adam_lean(*lists[:4], lists[4][:4] + [torch.zeros(3)], *lists[5:], **HYPER,
+                       param_mode="nearest")
+    with pytest.raises(ValueError, match="param_mode must be one of"):
+        adam.adam_lean(*lists, **HYPER, param_mode="fp32")
+    with pytest.raises(ValueError, match="param_mode master is for bfloat16 / float16"):
+        adam.adam_lean(*lists[:6], [t.clone() for t in lists[0]], lists[7], **HYPER,
+                       param_mode="master")
+    with pytest.raises(ValueError, match="absmaxes are given only with uint8 states"):
+        adam.adam_lean(lists[0], lists[1], [t.float() for t in lists[2]],
+                       [t.float() for t in lists[3]], *lists[4:], **HYPER, param_mode="nearest")
+    with pytest.raises(ValueError, match=r"state_steps\[0\] must be a 1-element float32"):
+        adam.adam_lean(*lists[:7], [s.double() for s in lists[7]], **HYPER,
+                       param_mode="nearest")
+    with pytest.raises(ValueError, match="momentum is 0"):
+        sgd.sgd_lean(lists[0], lists[1], lists[2], lists[4], [], lists[7], lr=0.1, momentum=0.0,
+                     dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                     is_first_step=False, param_mode="nearest")
+    bf16 = lean_inputs(torch.bfloat16, torch.float32, "compact")
+    with pytest.raises(ValueError, match=r"param_extras\[0\] must be a contiguous torch.int8"):
+        adam.adam_lean(*bf16[:6], [t.float() for t in bf16[6]], bf16[7], **HYPER,
+                       param_mode="compact")
+    assert torch.equal(lists[0][0], lean_inputs(torch.float32, torch.uint8, "nearest")[0][0])
 
 
 @pytest.mark.skipif(not fusedopt.backends()["cpp"]["available"], reason="no C++ extension")
@@ -528,6 +570,13 @@ def muon_problem(dtype, seed=0):
 MUON_LR = dict(lr=0.005, adjust_lr_fn="match_rms_adamw")
 
 
+def muon_options(backend: str) -> dict:
+    """MUON_LR and the backend; fp32 Newton-Schulz in Triton's interpreter, which cannot be
+    trusted with bf16 arithmetic."""
+    return dict(MUON_LR, backend=backend,
+                ns_dtype=torch.float32 if backend == "triton" else None)
+
+
 @pytest.mark.parametrize("backend", LEAN_BACKENDS)
 def test_muon_with_lean_states_tracks_fp32(backend):
     """Muon's buffer and its AdamW moments in bf16 or 8-bit: 200 steps (the loss still falling,
@@ -538,7 +587,7 @@ def test_muon_with_lean_states_tracks_fp32(backend):
     final = {}
     for state_dtype in (None, torch.bfloat16, torch.uint8):
         params, groups, x, y = muon_problem(torch.float32)
-        opt = fusedopt.Muon(groups, **MUON_LR, state_dtype=state_dtype, backend=backend)
+        opt = fusedopt.Muon(groups, **muon_options(backend), state_dtype=state_dtype)
         final[state_dtype] = train(params, opt, x, y, steps)[-1]
         if state_dtype == torch.uint8:
             w1, w2, bias = (opt.state[p] for p in params)
@@ -553,9 +602,8 @@ def test_muon_with_lean_states_tracks_fp32(backend):
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.uint8])
 def test_muon_lean_state_dict_round_trips_exactly(backend, state_dtype):
     assert_resumes_exactly(functools.partial(muon_problem, torch.float32),
-                           lambda groups: fusedopt.Muon(groups, **MUON_LR,
-                                                        state_dtype=state_dtype,
-                                                        backend=backend))
+                           lambda groups: fusedopt.Muon(groups, **muon_options(backend),
+                                                        state_dtype=state_dtype))
 
 
 def test_lean_options_are_checked():

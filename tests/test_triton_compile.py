@@ -2,7 +2,8 @@
 launchers use, on machines without a GPU.
 
 The kernels are not called by hand: each case runs a real launcher (fusedopt.kernels.adam.adam,
-lion.lion, sgd.sgd, norm.norm_fwd / norm_bwd, newton_schulz.gram / gram_polynomial) on small CPU tensors with Triton's launch step
+lion.lion, sgd.sgd, the lean launchers adam.adam_lean, ..., norm.norm_fwd / norm_bwd,
+newton_schulz.gram / gram_polynomial) on small CPU tensors with Triton's launch step
 (JITFunction.run) replaced by a recorder, so the signatures, constexprs and launch options
 compiled here are exactly the ones the launchers pass; types are Triton's own mangle_type of
 each argument, as the JIT derives them. No kernel runs. ASTSource takes signature and constexprs
@@ -45,7 +46,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import fusedopt.kernels
 import triton
-from fusedopt.kernels import adam, lion, multi_tensor, newton_schulz, norm, sgd
+from fusedopt.kernels import adam, lean, lion, multi_tensor, muon, newton_schulz, norm, sgd
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, mangle_type
@@ -234,6 +235,92 @@ def test_the_fma_check_sees_contraction(monkeypatch):
     assert "fma.rn.f32" not in compile_sm90(launch).asm["ptx"]
 
 
+# ---- lean-state steps ----------------------------------------------------------------------
+
+class LeanCase(NamedTuple):
+    algorithm: str  # "adam", "lion", "sgd", "muon_momentum"
+    param_dtype: str
+    state_dtype: str  # a key of DTYPES, or "uint8" (8-bit blockwise)
+    mode: str  # param_mode
+    switches: tuple[str, ...]  # COMMON_SWITCHES, "maximize", SGD's "momentum", "nesterov",
+    #                            "is_first_step", Muon's "nesterov"
+
+    @property
+    def id(self) -> str:
+        return (f"{self.algorithm}_lean-{self.param_dtype}-{self.state_dtype}-{self.mode}-"
+                f"{'+'.join(self.switches) or 'plain'}")
+
+
+# Every param_mode with the state formats it is used with (tests/test_lean_states.py's MODES).
+LEAN_MODES = [("fp32", "uint8", "nearest"), ("fp32", "bf16", "nearest"),
+              ("bf16", "uint8", "master"), ("fp16", "fp32", "master"),
+              ("bf16", "uint8", "compact"), ("bf16", "bf16", "kahan"), ("fp16", "fp16", "kahan"),
+              ("bf16", "fp32", "stochastic"), ("bf16", "uint8", "nearest")]
+ALL_LEAN_SWITCHES = (*COMMON_SWITCHES, "maximize")
+LEAN_CASES = (
+    [LeanCase("adam", *mode, ALL_LEAN_SWITCHES) for mode in LEAN_MODES]
+    + [LeanCase("adam", "fp32", "uint8", "nearest", ())]
+    + [LeanCase("lion", *mode, ALL_LEAN_SWITCHES) for mode in LEAN_MODES[:5:2]]
+    + [LeanCase("sgd", "bf16", "uint8", "compact",
+                (*ALL_LEAN_SWITCHES, "momentum", "nesterov")),
+       LeanCase("sgd", "fp32", "uint8", "nearest", ("momentum", "is_first_step")),
+       LeanCase("sgd", "bf16", "fp32", "stochastic", ALL_LEAN_SWITCHES)]
+    + [LeanCase("muon_momentum", "fp32", "uint8", "output", ("nesterov",)),
+       LeanCase("muon_momentum", "bf16", "fp32", "output", ())]
+)
+
+
+def run_lean(case: LeanCase) -> None:
+    """Calls case.algorithm's lean launcher on two small CPU tensors (one partial 8-bit block
+    each)."""
+    param_dtype = DTYPES[case.param_dtype]
+    state_dtype = torch.uint8 if case.state_dtype == "uint8" else DTYPES[case.state_dtype]
+
+    def state_lists():
+        values = [torch.full((5,), 128 if state_dtype == torch.uint8 else 0, dtype=state_dtype)
+                  for _ in range(2)]
+        absmaxes = [torch.ones(1) for _ in range(2)] if state_dtype == torch.uint8 else []
+        return values, absmaxes
+
+    params, grads = tensors(2, param_dtype, True), tensors(2, param_dtype, True)
+    extra_dtype = {"master": torch.float32, "compact": torch.int8, "kahan": param_dtype}
+    extras = ([torch.zeros(5, dtype=extra_dtype[case.mode]) for _ in range(2)]
+              if case.mode in extra_dtype else [])
+    steps = [torch.zeros(()) for _ in range(2)]
+    on = case.switches
+    amp = dict(lr=torch.tensor(1e-3) if "lr_tensor" in on else 1e-3,
+               grad_scale=torch.tensor(2.0) if "grad_scale" in on else None,
+               found_inf=torch.tensor(0.0) if "found_inf" in on else None,
+               maximize="maximize" in on, param_mode=case.mode)
+    if case.algorithm == "adam":
+        (m, m_absmax), (v, v_absmax) = state_lists(), state_lists()
+        adam.adam_lean(params, grads, m, v, m_absmax, v_absmax, extras, steps, beta1=0.9,
+                       beta2=0.999, weight_decay=0.01, eps=1e-8, decoupled_weight_decay=True,
+                       **amp)
+    elif case.algorithm == "lion":
+        lion.lion_lean(params, grads, *state_lists(), extras, steps, beta1=0.9, beta2=0.99,
+                       weight_decay=0.01, **amp)
+    elif case.algorithm == "sgd":
+        buffers = state_lists() if "momentum" in on else ([], [])
+        sgd.sgd_lean(params, grads, *buffers, extras, steps, momentum=0.9 * ("momentum" in on),
+                     dampening=0.0, weight_decay=0.01, nesterov="nesterov" in on,
+                     is_first_step="is_first_step" in on, **amp)
+    else:
+        muon.muon_momentum_lean(params, grads, *state_lists(), momentum=0.95,
+                                nesterov="nesterov" in on)
+
+
+@pytest.mark.parametrize("case", LEAN_CASES, ids=[c.id for c in LEAN_CASES])
+def test_lean_kernels_compile_for_sm90(case, monkeypatch):
+    """The lean kernel in each param_mode and state format: it compiles, and holds no
+    fma.rn.f32 (the contraction policy; Adam's fp64 bias corrections use fma.rn.f64)."""
+    launches = record_launches(monkeypatch, lambda: run_lean(case))
+    assert_launched_under_the_contraction_policy(launches)
+    for launch in launches:
+        assert launch.kernel is lean.lean_tensor_kernel
+        assert "fma.rn.f32" not in compile_sm90(launch).asm["ptx"]
+
+
 # ---- norms ---------------------------------------------------------------------------------
 
 class NormCase(NamedTuple):
@@ -375,6 +462,9 @@ def test_the_cases_launch_every_kernel(monkeypatch):
     for case in OPTIMIZER_CASES:
         launched |= {launch.kernel for launch in
                      record_launches(monkeypatch, lambda case=case: run_optimizer(case))}
+    for case in LEAN_CASES:
+        launched |= {launch.kernel for launch in
+                     record_launches(monkeypatch, lambda case=case: run_lean(case))}
     for case in NORM_CASES:
         launched |= {launch.kernel for launch in
                      record_launches(monkeypatch, lambda case=case: run_norm(case))}
