@@ -272,7 +272,7 @@ def store_state(state: Tensor, absmax: Tensor | None, value: Tensor, signed: boo
     else:
         codes, new_absmax = quantize_blockwise(value, signed)
         store(state, codes)
-        store(absmax, new_absmax)
+        store(absmax, new_absmax.view(absmax.shape))  # (a DTensor shard's absmax is 2-D)
 
 
 def _lean_params(params: list[Tensor], grads: list[Tensor], param_extras: list[Tensor],

@@ -33,7 +33,21 @@ OPTIMIZERS = {
                                                        state_dtype=torch.bfloat16),
     "Muon-bf16-states": lambda params: fusedopt.Muon(params, lr=2e-2, ns_dtype=torch.float32,
                                                      state_dtype=torch.bfloat16),
+    # 8-bit states, on the wide model's (17, 256) weight (the other tensors are under 4,096
+    # elements): under FSDP2 codes and absmaxes are DTensors sharded with it (its rows are
+    # whole 8-bit blocks).
+    "AdamW-8bit-states": lambda params: fusedopt.AdamW(params, lr=1e-2, weight_decay=0.1,
+                                                       state_dtype=torch.uint8),
+    "Muon-8bit-states": lambda params: fusedopt.Muon(params, lr=2e-2, ns_dtype=torch.float32,
+                                                     state_dtype=torch.uint8),
 }
+# The cases trained on the wide model, and the index of its (17, 256) weight.
+WIDE = {"AdamW-8bit-states", "Muon-8bit-states"}
+QUANTIZED_WEIGHT = 2
+# How far training on the ranks may end from one process (atol and rtol). The ranks' grads
+# differ from one process's by fp32 rounding, which the fp32 steps carry through as such; an
+# 8-bit code that rounds the other way moves its element's update by up to ~lr * 4/127.
+ONE_PROCESS_TOLERANCE = {name: 1e-3 if name in WIDE else 1e-5 for name in OPTIMIZERS}
 WRAPPERS = ["fsdp2", "ddp"]
 WORLD_SIZES = [2, 3]
 BATCH = 6  # divisible by every world size: each rank's mean loss averages to the batch's
@@ -43,11 +57,13 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available here")
 
 
-def make_model(seed: int = 0) -> torch.nn.Module:
+def make_model(name: str, seed: int = 0) -> torch.nn.Module:
     # 17 rows split unevenly over 3 ranks; the last weight has 2 rows, so one rank of 3 holds an
-    # empty shard.
+    # empty shard. The wide model's (17, 256) weight is large enough for 8-bit states.
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 17), torch.nn.Tanh(), torch.nn.Linear(17, 2))
+    hidden = [torch.nn.Linear(8, 256), torch.nn.Tanh(), torch.nn.Linear(256, 17)] \
+        if name in WIDE else [torch.nn.Linear(8, 17)]
+    return torch.nn.Sequential(*hidden, torch.nn.Tanh(), torch.nn.Linear(17, 2))
 
 
 def batch(step: int) -> torch.Tensor:
@@ -96,7 +112,7 @@ def run_case(wrapper: str, name: str, rank: int, world: int, checkpoint: str) ->
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.tensor.debug import CommDebugMode
 
-    model = wrap(make_model(), wrapper)
+    model = wrap(make_model(name), wrapper)
     optimizer = OPTIMIZERS[name](model.parameters())
     train(model, optimizer, range(SAVED_AT), rank, world)
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -109,7 +125,8 @@ def run_case(wrapper: str, name: str, rank: int, world: int, checkpoint: str) ->
     train(model, optimizer, range(SAVED_AT + 1, STEPS), rank, world)
     continued = full_params(model)
 
-    resumed_model = wrap(make_model(seed=1), wrapper)  # other values: the load must set them all
+    # Other values: the load must set them all.
+    resumed_model = wrap(make_model(name, seed=1), wrapper)
     resumed_optimizer = OPTIMIZERS[name](resumed_model.parameters())
     model_state, optim_state = get_state_dict(resumed_model, resumed_optimizer)
     state = {"model": model_state, "optim": optim_state}
@@ -117,8 +134,40 @@ def run_case(wrapper: str, name: str, rank: int, world: int, checkpoint: str) ->
     set_state_dict(resumed_model, resumed_optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     train(resumed_model, resumed_optimizer, range(SAVED_AT, STEPS), rank, world)
+    layout = {}
+    if name in WIDE:
+        weight = list(resumed_model.parameters())[QUANTIZED_WEIGHT]
+        layout = {key: (type(value).__name__, value.dtype, tuple(value.shape))
+                  for key, value in resumed_optimizer.state[weight].items() if key != "step"}
+        exported = resumed_optimizer.full_precision_state_dict()["state"][QUANTIZED_WEIGHT]
+        layout["exported"] = {key: (type(value).__name__, value.dtype, tuple(value.shape))
+                              for key, value in exported.items() if key != "step"}
     return {"continued": continued, "resumed": full_params(resumed_model),
-            "step_collectives": collectives}
+            "step_collectives": collectives, "state_layout": layout}
+
+
+class TwoWeights(torch.nn.Module):
+    """A (4800, 1) weight, whose rows are not whole 8-bit blocks (a shard would split a block),
+    and a (17, 512) one, whose rows are two blocks each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tall = torch.nn.Linear(1, 4800, bias=False)
+        self.wide = torch.nn.Linear(512, 17, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tall(x[:, :1]).sum() + self.wide(x).sum()
+
+
+def fsdp2_state_dtypes() -> list[torch.dtype]:
+    """TwoWeights' exp_avg dtypes under FSDP2 with state_dtype=torch.uint8."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(TwoWeights())
+    optimizer = fusedopt.AdamW(model.parameters(), state_dtype=torch.uint8)
+    model(torch.ones(2, 512)).backward()
+    optimizer.step()
+    return [optimizer.state[p]["exp_avg"].dtype for p in model.parameters()]
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -130,6 +179,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             for name in OPTIMIZERS:
                 checkpoint = os.path.join(out_dir, f"{wrapper}-{name}")
                 results[wrapper, name] = run_case(wrapper, name, rank, world, checkpoint)
+        results["fsdp2_state_dtypes"] = fsdp2_state_dtypes()
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
     finally:
@@ -156,7 +206,7 @@ def distributed_results():
 def single_process_results():
     results = {}
     for name in OPTIMIZERS:
-        model = make_model()
+        model = make_model(name)
         train(model, OPTIMIZERS[name](model.parameters()), range(STEPS))
         results[name] = full_params(model)
     return results
@@ -169,15 +219,32 @@ def test_distributed_training_matches_one_process_and_resumes_exactly(
         world, wrapper, name, distributed_results, single_process_results):
     result = distributed_results(world)[wrapper, name]
     # Gradients are averaged over ranks in another order than one process sums the batch.
+    tolerance = ONE_PROCESS_TOLERANCE[name]
     for ours, alone in zip(result["continued"], single_process_results[name]):
-        torch.testing.assert_close(ours, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours, alone, atol=tolerance, rtol=tolerance)
     for resumed, continued in zip(result["resumed"], result["continued"]):
         torch.testing.assert_close(resumed, continued, atol=0, rtol=0)
     if name.startswith("Muon") and wrapper == "fsdp2":  # an all-gather per weight matrix, no more
-        assert list(result["step_collectives"].values()) == [2], result["step_collectives"]
+        matrices = 3 if name in WIDE else 2
+        assert list(result["step_collectives"].values()) == [matrices], result["step_collectives"]
         assert "all_gather" in next(iter(result["step_collectives"]))
     elif name == "AdamW-clipped" and wrapper == "fsdp2":  # the grad norm's one all-reduce
         assert list(result["step_collectives"].values()) == [1], result["step_collectives"]
         assert "all_reduce" in next(iter(result["step_collectives"]))
     else:
         assert result["step_collectives"] == {}
+    if name in WIDE:
+        key = "momentum_buffer" if name.startswith("Muon") else "exp_avg"
+        kind = "DTensor" if wrapper == "fsdp2" else "Tensor"
+        absmax_shape = (17, 1) if wrapper == "fsdp2" else (17,)
+        assert result["state_layout"][key] == (kind, torch.uint8, (17, 256))
+        assert result["state_layout"][f"{key}_absmax"] == (kind, torch.float32, absmax_shape)
+        # full_precision_state_dict(): fp32 moments laid out as the param, no scales.
+        exported = result["state_layout"]["exported"]
+        assert exported[key] == (kind, torch.float32, (17, 256))
+        assert not any(k.endswith("_absmax") for k in exported)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_fsdp2_8bit_states_need_rows_of_whole_blocks(world, distributed_results):
+    assert distributed_results(world)["fsdp2_state_dtypes"] == [torch.float32, torch.uint8]

@@ -12,21 +12,13 @@ from torch.optim import Optimizer
 
 from fusedopt._registry import BACKENDS
 from fusedopt.optim import _lean
+from fusedopt.optim._lean import DTensor
 
 
 def to_float(value: float | Tensor) -> float:
     """torch accepts 1-element tensors for some hyperparameters and keeps them as floats."""
     return value.item() if isinstance(value, Tensor) else value
 
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed
-    DTensor = None
-
-
-def is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -182,9 +174,6 @@ class FusedOptimizer(Optimizer):
             first_step = first_step_key is not None and first_step_key not in state
             mode = _lean.param_mode(group, p)
             dtype = _lean.moment_dtype(group, p)
-            if dtype == torch.uint8 and is_dtensor(p):
-                raise NotImplementedError(f"fusedopt.{name}: 8-bit states of DTensor (FSDP2) "
-                                          "params are not supported yet")
             if "step" not in state:
                 state["step"] = self._step_tensor(p)
             for key in keys:

@@ -11,6 +11,13 @@ torch's keys:
   kahan_compensation        the rounding error carried to the next step (kahan_summation)
 Options that keep low-precision params precise apply to bf16 / fp16 params only; fp32 and fp64
 params are updated as torch updates them.
+
+DTensor params (FSDP2): every state is a DTensor laid out like its param, and the kernels update
+each rank's local shards. An 8-bit state's blocks must then stay whole on every shard, so 8-bit
+states need rows (param.numel() / param.shape[0]) of whole blocks, and placements that shard
+dim 0 or replicate; its absmax is a (rows, blocks per row) DTensor sharded as the param, so
+torch.distributed.checkpoint saves and reshards it with the codes. Other DTensor params keep
+fp32 states, as small tensors do.
 """
 
 from __future__ import annotations
@@ -21,6 +28,15 @@ import torch
 from torch import Tensor
 
 from fusedopt import reference
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # a torch built without distributed
+    DTensor = None
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
 
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 # Smaller tensors keep fp32 moments under state_dtype=torch.uint8: their scales would cost more
@@ -74,18 +90,49 @@ def moment_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
     state_dtype = group["state_dtype"]
     if state_dtype is None:
         return p.dtype
-    if state_dtype == torch.uint8 and p.numel() < MIN_QUANTIZED_NUMEL:
+    if state_dtype == torch.uint8 and (p.numel() < MIN_QUANTIZED_NUMEL
+                                       or (is_dtensor(p) and not _shards_whole_blocks(p))):
         return torch.float32
     return state_dtype
+
+
+def _shards_whole_blocks(p: Tensor) -> bool:
+    """Whether every shard of DTensor p holds whole 8-bit blocks: rows of whole blocks, split
+    only between rows (dim 0) or not at all."""
+    rows = p.shape[0] if p.ndim else 0
+    return (rows > 0 and (p.numel() // rows) % reference.QUANT_BLOCK == 0
+            and all(isinstance(placement, (Shard, Replicate)) and
+                    (not isinstance(placement, Shard) or placement.dim == 0)
+                    for placement in p.placements))
+
+
+def quantize(value: Tensor, signed: bool, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(codes, absmax) of fp32 values shaped like param `like` (reference.quantize_blockwise);
+    for a DTensor param, DTensors laid out as it is (the module docstring), quantized shard by
+    shard."""
+    if not is_dtensor(like):
+        return reference.quantize_blockwise(value, signed)
+    local = value.to_local() if is_dtensor(value) else value
+    codes, absmax = reference.quantize_blockwise(local, signed)
+    rows, row_blocks = like.shape[0], like.numel() // like.shape[0] // reference.QUANT_BLOCK
+    wrap = (lambda t, shape, stride: DTensor.from_local(t, like.device_mesh, like.placements,
+                                                        shape=shape, stride=stride))
+    return (wrap(codes, like.shape, like.stride()),
+            wrap(absmax.view(-1, row_blocks), torch.Size((rows, row_blocks)), (row_blocks, 1)))
 
 
 def moment(state: dict[str, Any], key: str) -> Tensor:
     """A moment's values in fp32 (dequantized when 8-bit), or in its own dtype if wider."""
     value = state[key]
     absmax = state.get(f"{key}_absmax")
-    if absmax is not None:
+    if absmax is None:
+        return value.to(torch.promote_types(value.dtype, torch.float32))
+    if not is_dtensor(value):
         return reference.dequantize_blockwise(value, absmax, SIGNED_MOMENTS[key])
-    return value.to(torch.promote_types(value.dtype, torch.float32))
+    local = reference.dequantize_blockwise(value.to_local(), absmax.to_local(),
+                                           SIGNED_MOMENTS[key])
+    return DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape,
+                              stride=value.stride())
 
 
 def conform_moment(state: dict[str, Any], key: str, p: Tensor, dtype: torch.dtype) -> None:
@@ -93,8 +140,8 @@ def conform_moment(state: dict[str, Any], key: str, p: Tensor, dtype: torch.dtyp
     loaded from a torch.optim checkpoint into 8-bit ones."""
     if key not in state:
         if dtype == torch.uint8:
-            state[key], state[f"{key}_absmax"] = reference.quantize_blockwise(
-                torch.zeros(p.shape, device=p.device), SIGNED_MOMENTS[key])
+            zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state[key], state[f"{key}_absmax"] = quantize(zeros, SIGNED_MOMENTS[key], p)
         else:
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return
@@ -104,8 +151,7 @@ def conform_moment(state: dict[str, Any], key: str, p: Tensor, dtype: torch.dtyp
     value = moment(state, key)
     state.pop(f"{key}_absmax", None)
     if dtype == torch.uint8:
-        state[key], state[f"{key}_absmax"] = reference.quantize_blockwise(
-            value, SIGNED_MOMENTS[key])
+        state[key], state[f"{key}_absmax"] = quantize(value, SIGNED_MOMENTS[key], p)
     else:
         state[key] = value.to(dtype)
 

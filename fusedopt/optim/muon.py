@@ -233,9 +233,6 @@ class Muon(FusedOptimizer):
                     raise RuntimeError("Muon does not support sparse gradients")
                 state = self.state[p]
                 dtype = _lean.moment_dtype(group, p)
-                if dtype == torch.uint8 and _is_dtensor(p):
-                    raise NotImplementedError("fusedopt.Muon: 8-bit states of DTensor (FSDP2) "
-                                              "params are not supported yet")
                 keys = (("momentum_buffer",) if self._orthogonalized(group, p)
                         else ("exp_avg", "exp_avg_sq"))
                 if len(state) == 0 and len(keys) == 2:
@@ -244,7 +241,7 @@ class Muon(FusedOptimizer):
                     _lean.conform_moment(state, key, p, dtype)
                 absmaxes = [state[f"{key}_absmax"] for key in keys] if dtype == torch.uint8 else []
                 if len(keys) == 1:
-                    lists = batches[(p.device, p.dtype, p.shape, _is_dtensor(p), dtype)]
+                    lists = batches[(p.device, p.dtype, p.shape, _lean.is_dtensor(p), dtype)]
                     row = (p, grad, state["momentum_buffer"], *absmaxes)
                 else:
                     lists = adamw[dtype]
@@ -269,7 +266,7 @@ class Muon(FusedOptimizer):
                           adjusted_lr=adjusted_lr(lr, group["adjust_lr_fn"], shape),
                           ns_dtype=ns_dtype, backend=group["backend"])
             if distributed:
-                _sharded_muon(params, grads, bufs, **kwargs)
+                _sharded_muon(params, grads, bufs, absmaxes, **kwargs)
             else:
                 functional.muon(params, grads, bufs, momentum_buffer_absmaxes=absmaxes, **kwargs)
 
@@ -291,22 +288,20 @@ class Muon(FusedOptimizer):
                                      **hyper)
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def _sharded_muon(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], *, lr: float,
-                  weight_decay: float, momentum: float, nesterov: bool, coefficients, eps: float,
-                  adjusted_lr: float, ns_dtype: torch.dtype, backend: str) -> None:
-    """A Muon step of DTensor params (FSDP2) of one global shape: the momentum and the update on
-    each rank's shards; in between, each update gathered whole (its Newton-Schulz needs the
-    whole matrix), orthogonalized on every rank alike, and cut back to this rank's shard."""
+def _sharded_muon(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
+                  absmaxes: list[Tensor], *, lr: float, weight_decay: float, momentum: float,
+                  nesterov: bool, coefficients, eps: float, adjusted_lr: float,
+                  ns_dtype: torch.dtype, backend: str) -> None:
+    """A Muon step of DTensor params (FSDP2) of one global shape: the momentum (8-bit buffers:
+    with their absmaxes, empty otherwise) and the update on each rank's shards; in between,
+    each update gathered whole (its Newton-Schulz needs the whole matrix), orthogonalized on
+    every rank alike, and cut back to this rank's shard."""
     from torch.distributed.tensor import distribute_tensor
 
     local = [t.to_local() for t in grads], [t.to_local() for t in bufs]
     updates = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in local[0]]
-    # (8-bit buffers are refused for DTensor params: no absmaxes here.)
     functional.muon_momentum(updates, *local, momentum=momentum, nesterov=nesterov,
+                             momentum_buffer_absmaxes=[t.to_local() for t in absmaxes],
                              backend=backend)
     shape = params[0].shape
     full = torch.stack([
