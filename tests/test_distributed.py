@@ -248,3 +248,50 @@ def test_distributed_training_matches_one_process_and_resumes_exactly(
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_fsdp2_8bit_states_need_rows_of_whole_blocks(world, distributed_results):
     assert distributed_results(world)["fsdp2_state_dtypes"] == [torch.float32, torch.uint8]
+
+
+def reshard_worker(rank: int, world: int, init_file: str, out_dir: str, save: bool) -> None:
+    """Saves (save=True) or loads the AdamW-8bit-states checkpoint of the wide model under FSDP2
+    after SAVED_AT steps; rank 0 writes the gathered 8-bit state of its (17, 256) weight."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        name = "AdamW-8bit-states"
+        model = wrap(make_model(name, seed=0 if save else 1), "fsdp2")
+        optimizer = OPTIMIZERS[name](model.parameters())
+        checkpoint = os.path.join(out_dir, "checkpoint")
+        if save:
+            train(model, optimizer, range(SAVED_AT), rank, world)
+            model_state, optim_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint)
+        else:
+            train(model, optimizer, range(1), rank, world)  # states to load into
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=checkpoint)
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        weight = list(model.parameters())[QUANTIZED_WEIGHT]
+        gathered = {key: value.full_tensor() for key, value in optimizer.state[weight].items()
+                    if key != "step"}
+        if rank == 0:
+            torch.save(gathered, os.path.join(out_dir, f"saved-{save}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_8bit_checkpoint_reshards_to_another_world_size():
+    """Saved by 2 ranks, loaded by 3 (other row splits): the same codes and absmaxes, whole."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        for world, save in ((2, True), (3, False)):
+            init_file = os.path.join(out_dir, f"init-{world}")
+            mp.spawn(reshard_worker, args=(world, init_file, out_dir, save), nprocs=world)
+        saved, loaded = (torch.load(os.path.join(out_dir, f"saved-{save}.pt"))
+                         for save in (True, False))
+    assert saved.keys() == loaded.keys() == {"exp_avg", "exp_avg_sq", "exp_avg_absmax",
+                                             "exp_avg_sq_absmax"}
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
