@@ -309,7 +309,9 @@ def plot(report: dict[str, object], directory: Path) -> list[Path]:
     """Loss against step and against time; optimizer-step time; optimizer-state memory."""
     plt = _report.pyplot()
     runs = report["runs"]
-    colors = {name: f"C{i}" for i, name in enumerate(OPTIMIZERS)}
+    # A colour per run, none of them grey (the bar charts' colour for the torch baselines).
+    palette = [f"C{i}" for i in range(10) if i != 7] + [plt.cm.tab20(i) for i in range(1, 20, 2)]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(OPTIMIZERS)}
     paths = []
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, run in runs.items():
