@@ -183,16 +183,20 @@ def without_stochastic_params(mode, ours, theirs, *others):
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)
 @pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
                          ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
-def test_lean_op_matches_the_reference(backend, device, param_dtype, moment_dtype, mode):
+@pytest.mark.parametrize("adam", ["AdamW", "Adam-maximize"])
+def test_lean_op_matches_the_reference(backend, device, param_dtype, moment_dtype, mode, adam):
     """One step from states as training leaves them (a second would start from 8-bit states
-    that differ by a code here and there, and multiply that difference by lr)."""
+    that differ by a code here and there, and multiply that difference by lr); AdamW, and Adam
+    (weight decay added to the grad) maximizing."""
+    hyper = HYPER if adam == "AdamW" else dict(HYPER, maximize=True,
+                                               decoupled_weight_decay=False)
     ours = lean_inputs(param_dtype, moment_dtype, mode, device=device)
     theirs, before = copy.deepcopy(ours), copy.deepcopy(ours)
     # Only the 8-bit step computes from estimates (ESTIMATE_RTOL); the others round as the
     # reference does.
     estimate_rtol = ESTIMATE_RTOL if moment_dtype == torch.uint8 else 0.0
-    functional.adam_lean(*ours, **HYPER, param_mode=mode, backend=backend)
-    functional.adam_lean(*theirs, **HYPER, param_mode=mode, backend="reference")
+    functional.adam_lean(*ours, **hyper, param_mode=mode, backend=backend)
+    functional.adam_lean(*theirs, **hyper, param_mode=mode, backend="reference")
     if mode == "compact":
         # Compare the masters the corrections encode: where an update nearly cancels a value
         # (a param crossing zero), an fp32 ulp of the update is many of the tiny value's
