@@ -292,13 +292,27 @@ struct CompactParam {
   }
   FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
     const auto packed = pack_float<c10::BFloat16>(lo, hi);
+    if (n == kVecStep) {
+      packed.store(param + i);
+    } else {
+      packed.store(param + i, n);
+    }
     auto [p_lo, p_hi] = at::vec::convert_to_float<c10::BFloat16>(packed);
-    store_float(param + i, n, p_lo, p_hi);
     store_codes<Code::kSigned>(correction + i, n, error_code(lo, p_lo), error_code(hi, p_hi));
   }
   FUSEDOPT_INLINE static Vec error_code(const Vec& value, const Vec& p) {
-    const Vec error = (value - p) / half_ulp(p);
-    return at::vec::clamp(error, Vec(-1.0f), Vec(1.0f)) * Vec(127.0f);
+    return at::vec::clamp(in_half_ulps(value - p, p), Vec(-1.0f), Vec(1.0f)) * Vec(127.0f);
+  }
+  // x / half_ulp(p), exact (a power-of-two scaling). AVX-512 scales by the exponent that
+  // vgetexpps reads (clamped to the smallest normal one, as half_ulp is), since a vector
+  // division costs many multiplies' time here.
+  FUSEDOPT_INLINE static Vec in_half_ulps(const Vec& x, const Vec& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 exponent = _mm512_max_ps(_mm512_getexp_ps(p), _mm512_set1_ps(-126.0f));
+    return _mm512_scalef_ps(x, _mm512_sub_ps(_mm512_set1_ps(8.0f), exponent));
+#else
+    return x / half_ulp(p);
+#endif
   }
   void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
