@@ -1,38 +1,58 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, for a lent GPU machine (its own torch and triton, no network):
-# build in place, the tests marked `cuda` (tests/test_cuda.py, the lean ops on CUDA tensors),
-# then the GPU benchmarks (python -m bench --device cuda, bench_lean --device cuda). Each stage
-# has its own time limit, so one that hangs still leaves the others their turn. Reports go to
-# bench/results/<the GPU>/ and, when $OUT is set (the device tool), are copied there (Markdown
-# and JSON; the tool brings back at most 8 files).
+# The GPU checks, for a lent GPU machine (its own torch and triton, no network), in two calls
+# that each fit the device tool's 10-minute limit on one command:
 #
-#     bash bench/gpu_check.sh [--quick]      # --quick: fewer rounds and sizes (~4 minutes)
+#     bash bench/gpu_check.sh tests    # build in place, then the tests marked `cuda` (~6 min)
+#     bash bench/gpu_check.sh bench    # the GPU benchmarks, quick settings (~7 min)
+#
+# `tests` runs tests/test_cuda.py and the lean ops on CUDA tensors; `bench` runs
+# `python -m bench --device cuda --quick` and `bench/bench_lean.py --device cuda`, whose reports
+# land in bench/results/<the GPU>/. Each stage has its own time limit, so one that hangs leaves
+# the others their turn, and where $OUT is set (the device tool) each stage's output and
+# reports are copied there as soon as it ends.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-quick=()
-[[ "${1:-}" == "--quick" ]] && quick=(--quick)
 export FUSEDOPT_BUILD_EXT=auto TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 
-stage() {  # stage SECONDS NAME COMMAND...: runs COMMAND under a time limit, says how it ended
+stage() {  # stage SECONDS NAME COMMAND...: COMMAND under a time limit, its output kept in $OUT
     local limit=$1 name=$2
     shift 2
     echo "== $name"
-    timeout "$limit" "$@"
-    echo "== $name: exit $?"
+    timeout "$limit" "$@" 2>&1 | tee "${OUT:-/tmp}/${name}.log"
+    echo "== $name: exit ${PIPESTATUS[0]}"
 }
 
-stage 300 build python -m pip install --quiet --no-build-isolation --no-deps -e .
-stage 30 backends python -c "import fusedopt, json; print(json.dumps(fusedopt.backends(), indent=1))"
-stage 300 "cuda tests" python -m pytest tests -q -m cuda -x -p no:cacheprovider
-stage 300 "kernel benchmarks" python -m bench --device cuda "${quick[@]}" --only adamw lion sgd muon norm
-stage 180 "lean benchmark" python bench/bench_lean.py --device cuda \
-    --rounds "$([[ ${#quick[@]} -gt 0 ]] && echo 3 || echo 7)"
-
-if [[ -n "${OUT:-}" ]]; then
+copy_reports() {  # the reports written so far, to $OUT
+    [[ -n "${OUT:-}" ]] || return 0
+    local results
     results=$(python -c "import sys; sys.path.insert(0, 'bench'); import _report; \
 print(_report.results_dir('cuda'))")
-    cp "$results"/optim.md "$results"/muon.md "$results"/norm.md "$results"/lean.md \
-        "$results"/optim.json "$results"/muon.json "$results"/norm.json "$results"/lean.json \
-        "$OUT"/ 2>/dev/null
-    ls -l "$OUT"
-fi
+    for report in optim muon norm lean; do
+        [[ -f "$results/$report.md" ]] && cp "$results/$report.md" "$OUT/"
+    done
+}
+
+build() {  # in place; the CUDA sources compile for sm_90 on the machine's nvcc
+    stage 240 build python -m pip install --quiet --no-build-isolation --no-deps -e .
+}
+
+case "${1:-}" in
+    tests)
+        build
+        stage 30 backends python -c "import fusedopt, json; \
+print(json.dumps(fusedopt.backends(), indent=1))"
+        stage 300 cuda-tests python -m pytest tests -q -m cuda -p no:cacheprovider
+        ;;
+    bench)
+        # (A machine given back between the two calls comes back bare: build again.)
+        python -c "import fusedopt._C" 2>/dev/null || build
+        stage 330 kernel-bench python -m bench --device cuda --quick
+        copy_reports
+        stage 200 lean-bench python bench/bench_lean.py --device cuda --rounds 3
+        copy_reports
+        ;;
+    *)
+        echo "usage: bash bench/gpu_check.sh tests|bench" >&2
+        exit 2
+        ;;
+esac

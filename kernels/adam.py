@@ -100,7 +100,7 @@ def _adam_rule(param, grad, states, prepared, scalars, FLAGS: tl.constexpr):
         max_exp_avg_sq = tl.maximum(states[2], exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
         second_moment = max_exp_avg_sq
         new_states = new_states + (max_exp_avg_sq,)
-    denom = tl.sqrt_rn(second_moment) / bias_correction2_sqrt + eps
+    denom = tl.math.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
     param = param - tl.math.div_rn(step_size * exp_avg, denom)
     return param, new_states
 

@@ -182,7 +182,10 @@ def store_state(state_ptr, absmax_ptr, offsets, mask, blocks, block_mask, value,
     then each element's code, the nearest fourth-root step of value / absmax."""
     if QUANTIZED:
         magnitude = tl.where(mask, tl.abs(value), 0.0)
-        absmax = tl.max(magnitude, axis=1)
+        # A NaN makes its block's absmax NaN (torch's amax), so the whole block decodes to NaN,
+        # as the reference's does, rather than to a large finite state.
+        has_nan = tl.max(tl.where(magnitude != magnitude, 1, 0), axis=1) > 0
+        absmax = tl.where(has_nan, float("nan"), tl.max(magnitude, axis=1))
         # (1 / absmax where absmax > 0, else 0; no division by zero is evaluated either way)
         nonzero = absmax > 0.0
         inverse = tl.where(nonzero, tl.math.div_rn(1.0, tl.where(nonzero, absmax, 1.0)), 0.0)
@@ -282,14 +285,16 @@ def check_lean_lists(
     lr: float | Tensor = 0.0,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    param_modes: Sequence[str] = ("nearest", "master", "compact", "kahan", "stochastic"),
 ) -> bool:
     """A lean op's lists, as the C++ lean ops check them: params of one float dtype and device,
     grads like them, every state list ({name: (values, absmaxes)}) of one float dtype or uint8
     with one fp32 absmax per QUANT_BLOCK elements, param_extras as param_mode keeps them, and a
     1-element float32 step per param; all contiguous; lr, grad_scale and found_inf as every
-    launcher's (multi_tensor.check_amp_scalars). Returns whether the states are 8-bit."""
-    if param_mode not in PARAM_MODES:
-        raise ValueError(f"{op}: param_mode must be one of {', '.join(PARAM_MODES)}, got "
+    launcher's (multi_tensor.check_amp_scalars); param_mode one of param_modes (the
+    optimizers' five; Muon's momentum takes "output"). Returns whether the states are 8-bit."""
+    if param_mode not in param_modes:
+        raise ValueError(f"{op}: param_mode must be one of {', '.join(param_modes)}, got "
                          f"{param_mode!r}")
     dtype, device = params[0].dtype, params[0].device
     if dtype not in PARAM_DTYPES:
@@ -311,7 +316,10 @@ def check_lean_lists(
     check("grads", grads, dtype, False)
     quantized = False
     if states:
-        state_dtype = next(iter(states.values()))[0][0].dtype if params else torch.float32
+        name, (values, _) = next(iter(states.items()))
+        if len(values) != len(params):
+            raise ValueError(f"{op}: expected {len(params)} {name}, got {len(values)}")
+        state_dtype = values[0].dtype
         if state_dtype not in STATE_DTYPES:
             raise TypeError(f"{op}: states must be float32, bfloat16, float16 or uint8, got "
                             f"{state_dtype}")

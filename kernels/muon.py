@@ -94,7 +94,8 @@ def muon_momentum_lean(updates: list[Tensor], grads: list[Tensor],
         return
     quantized = check_lean_lists(
         "muon_momentum_lean", updates, grads,
-        {"momentum_buffers": (momentum_buffers, momentum_buffer_absmaxes)}, [], None, "output")
+        {"momentum_buffers": (momentum_buffers, momentum_buffer_absmaxes)}, [], None, "output",
+        param_modes=("output",))
     launch_lean(_no_prepare, _momentum_rule, updates, grads,
                 [(momentum_buffers, momentum_buffer_absmaxes, True)], [], None,
                 param_mode="output", quantized=quantized, scalars=_momentum_scalars(momentum),

@@ -279,6 +279,7 @@ def reshard_worker(rank: int, world: int, init_file: str, out_dir: str, save: bo
                     if key != "step"}
         if rank == 0:
             torch.save(gathered, os.path.join(out_dir, f"saved-{save}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -287,8 +288,18 @@ def test_fsdp2_8bit_checkpoint_reshards_to_another_world_size():
     """Saved by 2 ranks, loaded by 3 (other row splits): the same codes and absmaxes, whole."""
     with tempfile.TemporaryDirectory() as out_dir:
         for world, save in ((2, True), (3, False)):
-            init_file = os.path.join(out_dir, f"init-{world}")
-            mp.spawn(reshard_worker, args=(world, init_file, out_dir, save), nprocs=world)
+            for attempt in range(2):
+                init_file = os.path.join(out_dir, f"init-{world}-{attempt}")
+                try:
+                    mp.spawn(reshard_worker, args=(world, init_file, out_dir, save),
+                             nprocs=world)
+                    break
+                except mp.ProcessExitedException:
+                    # A rank killed by a signal: gloo's connection set-up has been seen to abort
+                    # ("terminate called without an active exception") on this 2-core machine
+                    # under load, about one run in ten. Once more; a second abort fails.
+                    if attempt:
+                        raise
         saved, loaded = (torch.load(os.path.join(out_dir, f"saved-{save}.pt"))
                          for save in (True, False))
     assert saved.keys() == loaded.keys() == {"exp_avg", "exp_avg_sq", "exp_avg_absmax",

@@ -17,8 +17,10 @@ from fusedopt import functional, reference
 
 # Every CPU backend that runs the lean ops here (Triton's in the interpreter run).
 LEAN_BACKENDS = cpu_backend_params()
-# The op tests' (backend, device): the CPU backends, then Triton on CUDA tensors where a GPU is.
-OP_BACKENDS = [pytest.param(b.values[0], "cpu", id=b.id, marks=b.marks) for b in LEAN_BACKENDS]
+# The op tests' (backend, device), each compared with the reference: the other CPU backends, then
+# Triton on CUDA tensors where a GPU is.
+OP_BACKENDS = [pytest.param(b.values[0], "cpu", id=b.id, marks=b.marks) for b in LEAN_BACKENDS
+               if b.values[0] != "reference"]
 OP_BACKENDS.append(pytest.param(
     "triton", "cuda", id="triton-cuda",
     marks=[pytest.mark.cuda, pytest.mark.skipif(
@@ -298,6 +300,46 @@ def test_lean_op_unscales_and_skips_as_adam(backend, device):
     assert all(s.item() == b.item() + 1 for s, b in zip(lists[7], before[7]))
 
 
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_stochastic_rounding_draws_the_references_bits(backend, device):
+    """Rounding the same fp32 values, every backend draws the reference's random bits: SGD with
+    lr 1/3 from zero params makes values between bf16 neighbours (the same fp32 products as the
+    reference's), over several tensors (their index salts the bits) and steps."""
+    g = generator(5)
+    grads = [torch.randn(n, generator=g).to(torch.bfloat16).to(device) for n in (300, 5000, 7)]
+    ours = [[torch.zeros_like(t) for t in grads], grads, [], [], [],
+            [torch.tensor(float(step), device=device) for step in (0, 41, 1e6)]]
+    theirs = copy.deepcopy(ours)
+    hyper = dict(lr=1 / 3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 maximize=False, is_first_step=False, param_mode="stochastic")
+    for _ in range(3):
+        functional.sgd_lean(*ours, **hyper, backend=backend)
+        functional.sgd_lean(*theirs, **hyper, backend="reference")
+    for a, b in zip(ours[0], theirs[0]):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[0][0], (ours[0][0].float() - grads[0].float() / 3)
+                           .to(torch.bfloat16))  # some values did round away from nearest
+
+
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_a_nan_state_makes_its_block_nan(backend, device):
+    """A NaN moment makes its 8-bit block's absmax NaN, so the block decodes to NaN, as the
+    reference's does: a blow-up stays visible instead of becoming a large finite state."""
+    if backend == "cpp":
+        pytest.skip("the C++ 8-bit step drops a NaN from its block's absmax for speed "
+                    "(csrc/cpu/lean_states.h, max_plain)")
+    lists = lean_inputs(torch.float32, torch.uint8, "nearest", device=device)
+    lists[1][4][300] = float("nan")  # a grad in block 1 of a 4,097-element tensor
+    theirs = copy.deepcopy(lists)
+    functional.adam_lean(*lists, **HYPER, param_mode="nearest", backend=backend)
+    functional.adam_lean(*theirs, **HYPER, param_mode="nearest", backend="reference")
+    for ours, reference_absmax in ((lists[4][4], theirs[4][4]), (lists[5][4], theirs[5][4])):
+        assert torch.isnan(ours[1]) and torch.isnan(reference_absmax[1])
+        assert torch.isfinite(ours[[0, *range(2, ours.numel())]]).all()
+    decoded = reference.dequantize_blockwise(lists[2][4], lists[4][4], True)
+    assert torch.isnan(decoded[256:512]).all() and torch.isfinite(decoded[512:]).all()
+
+
 def test_triton_lean_launchers_reject_bad_lists():
     """The Triton launchers check their lists before any launch (so this needs no GPU and no
     interpreter), with the C++ ops' conditions."""
@@ -312,6 +354,11 @@ def test_triton_lean_launchers_reject_bad_lists():
                        param_mode="nearest")
     with pytest.raises(ValueError, match="param_mode must be one of"):
         adam.adam_lean(*lists, **HYPER, param_mode="fp32")
+    with pytest.raises(ValueError, match="param_mode must be one of"):  # Muon's mode only
+        adam.adam_lean(*lists, **HYPER, param_mode="output")
+    with pytest.raises(ValueError, match="expected 5 exp_avgs, got 0"):
+        adam.adam_lean(lists[0], lists[1], [], [], [], [], [], lists[7], **HYPER,
+                       param_mode="nearest")
     with pytest.raises(ValueError, match="param_mode master is for bfloat16 / float16"):
         adam.adam_lean(*lists[:6], [t.clone() for t in lists[0]], lists[7], **HYPER,
                        param_mode="master")

@@ -223,6 +223,8 @@ def test_optimizer_kernels_compile_for_sm90(case, monkeypatch):
             assert "ld.global.v4" not in ptx
         # Adam too: its only FMAs are fma.rn.f64, inside libdevice's fp64 exp2 (bias corrections).
         assert "fma.rn.f32" not in ptx, "the update contracted a product into a sum"
+        # Divisions are correctly rounded, as the reference's (Triton's `/` is div.full.f32).
+        assert "div.full.f32" not in ptx and "div.approx" not in ptx
 
 
 def test_the_fma_check_sees_contraction(monkeypatch):
@@ -313,12 +315,15 @@ def run_lean(case: LeanCase) -> None:
 @pytest.mark.parametrize("case", LEAN_CASES, ids=[c.id for c in LEAN_CASES])
 def test_lean_kernels_compile_for_sm90(case, monkeypatch):
     """The lean kernel in each param_mode and state format: it compiles, and holds no
-    fma.rn.f32 (the contraction policy; Adam's fp64 bias corrections use fma.rn.f64)."""
+    fma.rn.f32 (the contraction policy; Adam's fp64 bias corrections use fma.rn.f64) and no
+    approximate division."""
     launches = record_launches(monkeypatch, lambda: run_lean(case))
     assert_launched_under_the_contraction_policy(launches)
     for launch in launches:
         assert launch.kernel is lean.lean_tensor_kernel
-        assert "fma.rn.f32" not in compile_sm90(launch).asm["ptx"]
+        ptx = compile_sm90(launch).asm["ptx"]
+        assert "fma.rn.f32" not in ptx
+        assert "div.full.f32" not in ptx and "div.approx" not in ptx
 
 
 # ---- norms ---------------------------------------------------------------------------------

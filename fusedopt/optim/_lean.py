@@ -112,13 +112,23 @@ def quantize(value: Tensor, signed: bool, like: Tensor) -> tuple[Tensor, Tensor]
     shard."""
     if not is_dtensor(like):
         return reference.quantize_blockwise(value, signed)
-    local = value.to_local() if is_dtensor(value) else value
-    codes, absmax = reference.quantize_blockwise(local, signed)
+    if not is_dtensor(value):
+        raise ValueError("fusedopt: the state of a DTensor param must be a DTensor too (load "
+                         "FSDP2 checkpoints with torch.distributed.checkpoint.state_dict's "
+                         "set_optimizer_state_dict)")
+    codes, absmax = reference.quantize_blockwise(value.to_local(), signed)
     rows, row_blocks = like.shape[0], like.numel() // like.shape[0] // reference.QUANT_BLOCK
-    wrap = (lambda t, shape, stride: DTensor.from_local(t, like.device_mesh, like.placements,
-                                                        shape=shape, stride=stride))
-    return (wrap(codes, like.shape, like.stride()),
-            wrap(absmax.view(-1, row_blocks), torch.Size((rows, row_blocks)), (row_blocks, 1)))
+    return (like_param(codes, like),
+            like_param(absmax.view(-1, row_blocks), like, torch.Size((rows, row_blocks))))
+
+
+def like_param(local: Tensor, param: Tensor, shape: torch.Size | None = None) -> Tensor:
+    """A contiguous local shard as a DTensor laid out as DTensor param (of `shape`, the param's
+    by default)."""
+    shape = param.shape if shape is None else shape
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=shape,
+                              stride=stride)
 
 
 def moment(state: dict[str, Any], key: str) -> Tensor:
@@ -129,10 +139,8 @@ def moment(state: dict[str, Any], key: str) -> Tensor:
         return value.to(torch.promote_types(value.dtype, torch.float32))
     if not is_dtensor(value):
         return reference.dequantize_blockwise(value, absmax, SIGNED_MOMENTS[key])
-    local = reference.dequantize_blockwise(value.to_local(), absmax.to_local(),
-                                           SIGNED_MOMENTS[key])
-    return DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape,
-                              stride=value.stride())
+    return like_param(reference.dequantize_blockwise(value.to_local(), absmax.to_local(),
+                                                     SIGNED_MOMENTS[key]), value)
 
 
 def conform_moment(state: dict[str, Any], key: str, p: Tensor, dtype: torch.dtype) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fusedopt import functional
 from fusedopt.optim import _lean
-from fusedopt.optim._base import DTensor, FusedOptimizer, group_tensors, to_float
+from fusedopt.optim._base import FusedOptimizer, group_tensors, to_float
 
 # Newton-Schulz coefficient schedules, by name: one (a, b, c) per iteration, the last repeated
 # when ns_steps asks for more.
@@ -304,9 +304,8 @@ def _sharded_muon(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
                              momentum_buffer_absmaxes=[t.to_local() for t in absmaxes],
                              backend=backend)
     shape = params[0].shape
-    full = torch.stack([
-        DTensor.from_local(u, p.device_mesh, p.placements, shape=shape, stride=p.stride())
-        .full_tensor().reshape(shape[0], -1) for u, p in zip(updates, params)])
+    full = torch.stack([_lean.like_param(u, p).full_tensor().reshape(shape[0], -1)
+                        for u, p in zip(updates, params)])
     orthogonalized = functional.newton_schulz(full, coefficients, eps, ns_dtype, backend=backend)
     shards = [_own_shard(distribute_tensor, o.view(shape), p)
               for o, p in zip(orthogonalized.unbind(0), params)]
