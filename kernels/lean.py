@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import check_amp_scalars, load_lr
+from .multi_tensor import check_amp_scalars, load_lr, step_arguments
 
 # param_mode, as the kernel's PARAM_MODE (reference.load_param / store_param); OUTPUT is Muon's
 # update: a "param" that is written only.
@@ -375,25 +375,17 @@ def launch_lean(
     none), which advance by one here, not at all when found_inf is non-zero."""
     unsigned_states = sum(1 << s for s, (_, _, signed) in enumerate(states) if not signed)
     common = {
-        "scalars": tuple(scalars.values()),
-        "lr": lr,
-        "grad_scale_ptr": grad_scale,
-        "found_inf_ptr": found_inf,
+        **step_arguments(scalars, flags, lr, grad_scale, found_inf),
         "PREPARE": prepare,
         "RULE": rule,
-        "FLAGS": flags,
         "PARAM_MODE": PARAM_MODES[param_mode],
         "NUM_STATES": len(states),
         "LOAD_STATES": load_states,
         "QUANTIZED": quantized,
         "UNSIGNED_STATES": unsigned_states,
         "HAS_STEP": state_steps is not None,
-        "HAS_GRAD_SCALE": grad_scale is not None,
-        "HAS_FOUND_INF": found_inf is not None,
-        "LR_IS_TENSOR": isinstance(lr, Tensor),
         "ROWS": ROWS,
         "QUANT_BLOCK": QUANT_BLOCK,
-        "enable_fp_fusion": False,
     }
     for i, param in enumerate(params):
         numel = param.numel()

@@ -380,18 +380,10 @@ def launch(
     tensor, over cdiv(numel, BLOCK_SIZE) programs; an unused list's place holds the param."""
     params = lists[0]
     common = {
-        "scalars": tuple(scalars.values()),
-        "lr": lr,
-        "grad_scale_ptr": grad_scale,
-        "found_inf_ptr": found_inf,
+        **step_arguments(scalars, flags, lr, grad_scale, found_inf),
         "PREPARE": prepare,
         "UPDATE": update,
-        "FLAGS": flags,
-        "HAS_GRAD_SCALE": grad_scale is not None,
-        "HAS_FOUND_INF": found_inf is not None,
-        "LR_IS_TENSOR": isinstance(lr, Tensor),
         "BLOCK_SIZE": BLOCK_SIZES[params[0].dtype],
-        "enable_fp_fusion": False,
     }
     if multi_tensor is None:
         multi_tensor = params[0].device.type == "cuda"
@@ -418,6 +410,24 @@ def launch(
         tensor_kernel[(triton.cdiv(numel, common["BLOCK_SIZE"]),)](
             tuple(tensors), numel, **common
         )
+
+
+def step_arguments(scalars: dict[str, float], flags: int, lr: float | Tensor,
+                   grad_scale: Tensor | None, found_inf: Tensor | None) -> dict[str, object]:
+    """The launch arguments every optimizer kernel (these and kernels/lean.py's) takes alike:
+    scalars as the tuple of its values, FLAGS, lr, the AMP pointers and the constexprs derived
+    from them, and the contraction policy (enable_fp_fusion=False, docs/numerics.md)."""
+    return {
+        "scalars": tuple(scalars.values()),
+        "FLAGS": flags,
+        "lr": lr,
+        "grad_scale_ptr": grad_scale,
+        "found_inf_ptr": found_inf,
+        "HAS_GRAD_SCALE": grad_scale is not None,
+        "HAS_FOUND_INF": found_inf is not None,
+        "LR_IS_TENSOR": isinstance(lr, Tensor),
+        "enable_fp_fusion": False,
+    }
 
 
 def check_scalar_tensor(op: str, name: str, t: Tensor, device: torch.device) -> None:
