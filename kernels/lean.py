@@ -406,4 +406,3 @@ def advance_steps(state_steps: Sequence[Tensor], found_inf: Tensor | None) -> No
         torch._foreach_add_(state_steps, 1.0)
     else:
         torch._foreach_add_(state_steps, (found_inf.reshape(()) == 0).to(torch.float32))
-

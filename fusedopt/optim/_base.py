@@ -20,7 +20,6 @@ def to_float(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
-
 def local_tensor(t: Tensor) -> Tensor:
     """The tensor the kernels update: a DTensor's local shard (FSDP2: elementwise steps need no
     communication), a complex tensor viewed as real pairs (as torch does)."""

@@ -38,6 +38,7 @@ except ImportError:  # a torch built without distributed
 def is_dtensor(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
+
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 # Smaller tensors keep fp32 moments under state_dtype=torch.uint8: their scales would cost more
 # than the codes save, and small tensors (biases, norms) are the most sensitive.
@@ -200,4 +201,3 @@ def is_as_torch(batch_key: tuple) -> bool:
     """Whether a batch's states are as torch keeps them (its plain op serves it)."""
     _, param_dtype, dtype, mode = batch_key[:4]
     return mode == "nearest" and dtype == param_dtype
-
