@@ -1,9 +1,11 @@
-"""Triton Adam / AdamW step: the fused counterpart of fusedopt.reference.adam (the spec).
+"""Triton Adam / AdamW step: the fused counterpart of fusedopt.reference.adam (the spec), and of
+reference.adam_lean with lean states.
 
-The math only: _adam_prepare (a tensor's scalars, from its step) and _adam_update (the rule for
-one block of elements), run by the shared kernels of fusedopt.kernels.multi_tensor, one launch
-per tensor or one for all of them (the calling convention is described there); then adam(), the
-launcher.
+The math only: _adam_rule (the update of fp32 values), _adam_step_scalars (a tensor's scalars,
+from its step), and _adam_prepare / _adam_update, which wrap them in the loads and stores of the
+shared kernels of fusedopt.kernels.multi_tensor, one launch per tensor or one for all of them
+(the calling convention is described there); then adam(), the launcher, and adam_lean(), which
+runs the same rule in fusedopt.kernels.lean's kernel.
 
 Everything is computed in fp32 registers whatever the storage dtype; the bias corrections are
 computed per tensor from that tensor's own step, in fp64 scalars. Device values (step, lr tensor,

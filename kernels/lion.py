@@ -1,8 +1,11 @@
-"""Triton Lion step: the fused counterpart of fusedopt.reference.lion (the spec).
+"""Triton Lion step: the fused counterpart of fusedopt.reference.lion (the spec), and of
+reference.lion_lean with lean states.
 
-The math only: _lion_prepare (the per-tensor scalars) and _lion_update (the rule for one block of
-elements), run by the shared kernels of fusedopt.kernels.multi_tensor, one launch per tensor or
-one for all of them (the calling convention is described there); then lion(), the launcher.
+The math only: _lion_rule (the update of fp32 values), _lion_step_scalars (the per-tensor
+scalars), and _lion_prepare / _lion_update, which wrap them in the loads and stores of the shared
+kernels of fusedopt.kernels.multi_tensor, one launch per tensor or one for all of them (the
+calling convention is described there); then lion(), the launcher, and lion_lean(), which runs
+the same rule in fusedopt.kernels.lean's kernel.
 
 Everything is computed in fp32 registers whatever the storage dtype. Device values (lr tensor,
 grad_scale, found_inf) are only read inside the kernels, never on the host. Lion keeps no step.

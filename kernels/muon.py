@@ -3,10 +3,12 @@
 muon_update (the spec).
 
 The math only: the PREPARE / UPDATE pairs that the shared kernels of
-fusedopt.kernels.multi_tensor run (the calling convention is described there), then the two
+fusedopt.kernels.multi_tensor run (the calling convention is described there), then the
 launchers. In the driver's terms, muon_momentum's "param" stream is the momentum buffer (read
 and written) and its third list the update (written only); muon_update's "grad" stream is the
-orthogonalized update. Math in fp32 registers whatever the storage dtype.
+orthogonalized update. The momentum's math is _momentum_rule, which muon_momentum_lean also runs
+in fusedopt.kernels.lean's kernel (reference.muon_momentum_lean: lean buffers, the update in the
+param's place, written only). Math in fp32 registers whatever the storage dtype.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Triton SGD step (momentum, dampening, Nesterov): the fused counterpart of
 fusedopt.reference.sgd (the spec).
 
-The math only: _sgd_prepare (the per-tensor scalar) and _sgd_update (the rule for one block of
-elements), run by the shared kernels of fusedopt.kernels.multi_tensor, one launch per tensor or
-one for all of them (the calling convention is described there); then sgd(), the launcher.
+The math only: _sgd_rule (the update of fp32 values), _sgd_step_scalars (the per-tensor scalar),
+and _sgd_prepare / _sgd_update, which wrap them in the loads and stores of the shared kernels of
+fusedopt.kernels.multi_tensor, one launch per tensor or one for all of them (the calling
+convention is described there); then sgd(), the launcher, and sgd_lean() (reference.sgd_lean),
+which runs the same rule in fusedopt.kernels.lean's kernel.
 
 Everything is computed in fp32 registers whatever the storage dtype. Device values (lr tensor,
 grad_scale, found_inf) are only read inside the kernels, never on the host. Without momentum no
