@@ -180,7 +180,10 @@ FUSEDOPT_INLINE float reduce_max(const Vec& x) {
 // An 8-bit blockwise state (kSigned: exp_avg's code, 128 + round(127 z); else exp_avg_sq's,
 // round(255 z); z = sign(x) |x / absmax|^(1/4)). Values are decoded with the block's stored
 // absmax; a block's new values wait in `pending` (L1) until the block ends and its new absmax
-// (gathered as they are stored) is known, and are encoded then.
+// (gathered as they are stored) is known, and are encoded then. `pending` is the caller's
+// buffer, not a member: with no array inside, the compiler keeps the codec's fields (the
+// absmax being gathered, the pointers) in registers across the loop, where code stores (char
+// stores, which may alias anything) would otherwise force a reload of each after every store.
 template <bool kSigned>
 struct BlockwiseStream {
   // The code's steps from 0 to the absmax: 127 each side of 128, or 255.
@@ -188,10 +191,10 @@ struct BlockwiseStream {
   static constexpr Code kCode = kSigned ? Code::kOffset : Code::kUnsigned;
   uint8_t* codes;
   float* absmax;
+  float* pending;  // kQuantBlock floats
   float scale = 0;  // the block's stored absmax / kLevels^4
   int64_t block_begin = 0;
   Vec new_absmax = Vec(0.0f);
-  alignas(64) float pending[kQuantBlock];
 
   // The block from `begin` (a multiple of kQuantBlock) starts.
   FUSEDOPT_INLINE void begin_block(int64_t begin) {

@@ -151,12 +151,13 @@ void dispatch_lean_dtypes(const LeanSpec& spec, const Fn& fn) {
   }
 }
 
-// The codec of state k of tensor t: BlockwiseStream<kSigned> for uint8 codes, else PlainStream.
+// The codec of state k of tensor t: BlockwiseStream<kSigned> for uint8 codes (its block's new
+// values wait in `pending`, kQuantBlock floats), else PlainStream.
 template <typename state_t, bool kSigned>
-auto state_codec(const StateList& state, int64_t t) {
+auto state_codec(const StateList& state, int64_t t, float* pending) {
   if constexpr (std::is_same_v<state_t, uint8_t>) {
     return BlockwiseStream<kSigned>{state.values[t].data_ptr<uint8_t>(),
-                                    state.absmaxes[t].data_ptr<float>()};
+                                    state.absmaxes[t].data_ptr<float>(), pending};
   } else {
     return PlainStream<state_t>{state.values[t].data_ptr<state_t>()};
   }
@@ -177,10 +178,11 @@ void run_lean_chunks(const LeanSpec& spec, at::TensorList params, at::TensorList
       const auto update = make_update(c.tensor);
       auto param = make_param(c.tensor);
       scalar_t* grad = grads[c.tensor].data_ptr<scalar_t>();
-      // A braced list runs its initializers in order: codec k gets states[k].
+      // A braced list runs its initializers in order: codec k gets states[k] and pending[k].
+      alignas(64) float pending[sizeof...(kSigned) + 1][kQuantBlock];
       [[maybe_unused]] size_t k = 0;
-      std::tuple<decltype(state_codec<state_t, kSigned>(states[0], 0))...> codecs{
-          state_codec<state_t, kSigned>(states[k++], c.tensor)...};
+      std::tuple<decltype(state_codec<state_t, kSigned>(states[0], 0, nullptr))...> codecs{
+          (++k, state_codec<state_t, kSigned>(states[k - 1], c.tensor, pending[k - 1]))...};
       std::apply(
           [&](auto&... codec) {
             for_each_lean_step(c.begin, c.end, unscale, update, param, grad, codec...);

@@ -104,7 +104,8 @@ void muon_momentum_lean_cpu(at::TensorList updates, at::TensorList grads,
     using state_t = typename decltype(buffer_type)::type;
     parallel_for_chunks(numels, [&](const Chunk& c) {
       lean::OutputStream<scalar_t> update{updates[c.tensor].data_ptr<scalar_t>()};
-      auto buffer = lean::state_codec<state_t, true>(buffers, c.tensor);
+      alignas(64) float pending[lean::kQuantBlock];
+      auto buffer = lean::state_codec<state_t, true>(buffers, c.tensor, pending);
       lean::for_each_lean_step(c.begin, c.end, GradUnscale{false, 1.0}, rule, update,
                                grads[c.tensor].data_ptr<scalar_t>(), buffer);
     });
