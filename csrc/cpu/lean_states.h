@@ -93,6 +93,30 @@ FUSEDOPT_INLINE void store_codes(code_storage_t<kCode>* dst, int64_t count, cons
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// 64 fp32 values (four vectors, in order) rounded to nearest even into codes, saturating as
+// store_codes does. Two rounds of saturating packs and one permute: the same bytes as four
+// store_codes halves, in a third of the shuffle work (each narrowing vpmov is two uops).
+template <Code kCode>
+FUSEDOPT_INLINE void store_codes_64(code_storage_t<kCode>* dst, const Vec& a, const Vec& b,
+                                    const Vec& c, const Vec& d) {
+  const __m512i wa = _mm512_cvtps_epi32(a), wb = _mm512_cvtps_epi32(b),
+                wc = _mm512_cvtps_epi32(c), wd = _mm512_cvtps_epi32(d);
+  // The packs work within 128-bit lanes: lane L ends with 4 values each of a, b, c, d, from
+  // 4L on; the permute puts each source's four lanes' dwords back in order.
+  __m512i bytes;
+  if constexpr (kCode == Code::kUnsigned) {
+    bytes = _mm512_packus_epi16(_mm512_packus_epi32(wa, wb), _mm512_packus_epi32(wc, wd));
+  } else {
+    bytes = _mm512_packs_epi16(_mm512_packs_epi32(wa, wb), _mm512_packs_epi32(wc, wd));
+  }
+  bytes = _mm512_permutexvar_epi32(
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+  if constexpr (kCode == Code::kOffset) bytes = _mm512_xor_si512(bytes, _mm512_set1_epi8(-128));
+  _mm512_storeu_si512(dst, bytes);
+}
+#endif
+
 // sqrt(x), a / b and y^(1/4) for the 8-bit step, from the hardware's ~14-bit estimates when
 // AVX-512 has them: their relative error (< 2^-14 each, ~1e-4 combined) is far below the 8-bit
 // states' own (~1e-2), and vsqrtps / vdivps, or Newton steps on the estimates, made the step
@@ -241,6 +265,19 @@ struct BlockwiseStream {
     // kLevels^4 / absmax: the fourth root of |x| times it is the code's steps from zero.
     const float levels_squared = kLevels * kLevels;
     const Vec to_steps(block_max > 0 ? levels_squared * levels_squared / block_max : 0.0f);
+#if defined(CPU_CAPABILITY_AVX512)
+    if (n == kQuantBlock) {
+      static_assert(Vec::size() == 16 && kQuantBlock % 64 == 0);
+      for (int64_t j = 0; j < n; j += 64) {
+        const float* x = pending + j;
+        store_codes_64<kCode>(codes + begin + j, encode(Vec::loadu(x), to_steps),
+                              encode(Vec::loadu(x + 16), to_steps),
+                              encode(Vec::loadu(x + 32), to_steps),
+                              encode(Vec::loadu(x + 48), to_steps));
+      }
+      return;
+    }
+#endif
     for (int64_t j = 0; j < n; j += kVecStep) {
       const int64_t count = std::min<int64_t>(kVecStep, n - j);
       Vec lo, hi;
