@@ -181,12 +181,13 @@ class FusedOptimizer(Optimizer):
             absmaxes = [state[f"{key}_absmax"] for key in keys] if dtype == torch.uint8 else []
             lists = batches.setdefault((p.device, p.dtype, dtype, mode, first_step),
                                        [[] for _ in range(4 + 2 * len(keys))])
-            lists[0].append(local_tensor(p))
-            lists[1].append(local_tensor(grad))
-            for column, t in zip(lists[2:], [*(state[key] for key in keys), *absmaxes]):
-                column.append(local_tensor(t))
-            if extra is not None:
-                lists[-2].append(local_tensor(extra))
+            row = [p, grad, *(state[key] for key in keys), *absmaxes]
+            extras = [] if extra is None else [extra]
+            if _lean.is_dtensor(p):  # a plain param's states are plain tensors: no lookups
+                row, extras = [local_tensor(t) for t in row], [local_tensor(t) for t in extras]
+            for column, t in zip(lists, row):
+                column.append(t)
+            lists[-2] += extras
             lists[-1].append(state["step"])
         return batches
 
