@@ -154,6 +154,7 @@ def adam_lean(
     *, lr: float | Tensor, beta1: float, beta2: float, weight_decay: float, eps: float,
     maximize: bool, decoupled_weight_decay: bool, param_mode: str,
     grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    multi_tensor: bool | None = None,
 ) -> None:
     """One Adam / AdamW step (no amsgrad) with lean states, with the Triton lean kernel: the
     contract of fusedopt.reference.adam_lean (the spec), the inputs that
@@ -171,7 +172,7 @@ def adam_lean(
                 param_extras, state_steps, param_mode=param_mode, quantized=quantized,
                 scalars=_adam_scalars(beta1, beta2, weight_decay, eps),
                 flags=_adam_flags(False, maximize, decoupled_weight_decay), lr=lr,
-                grad_scale=grad_scale, found_inf=found_inf)
+                grad_scale=grad_scale, found_inf=found_inf, multi_tensor=multi_tensor)
 
 
 def _adam_scalars(beta1: float, beta2: float, weight_decay: float, eps: float

@@ -25,7 +25,10 @@ everything when found_inf is set. Rounding to bf16 goes through round_to_bf16 (r
 even on the bits), because Triton's interpreter truncates fp32 -> bf16 conversions; on a GPU the
 result is the same as the conversion's.
 
-One launch per tensor (the lists mix dtypes: codes, scales, masters). Every launch passes
+Two kernels run that step: lean_tensor_kernel, one tensor per launch (anywhere Triton runs, the
+interpreter included), and lean_multi_tensor_kernel, a whole batch in one launch (the default on
+CUDA): multi_tensor.tables' address table, whose columns each hold one dtype (the param's, the
+extra's, the states', fp32 scales and steps), with each tensor's index. Every launch passes
 enable_fp_fusion=False, the contraction policy of every backend (docs/numerics.md).
 """
 
@@ -38,7 +41,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import check_amp_scalars, load_lr, step_arguments
+from .multi_tensor import (
+    CHUNK_SIZE,
+    check_amp_scalars,
+    load_lr,
+    program_chunk,
+    step_arguments,
+    table_pointer,
+    tables,
+)
 
 # param_mode, as the kernel's PARAM_MODE (reference.load_param / store_param); OUTPUT is Muon's
 # update: a "param" that is written only.
@@ -202,6 +213,70 @@ def store_state(state_ptr, absmax_ptr, offsets, mask, blocks, block_mask, value,
         tl.store(state_ptr + offsets, to_storage(value, state_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def lean_tile(
+    param_ptr,
+    grad_ptr,
+    extra_ptr,
+    state_ptrs,
+    absmax_ptrs,
+    blocks,
+    end,
+    keep,
+    step,
+    prepared,
+    tensor_index,
+    scalars,
+    grad_scale_ptr,
+    RULE: tl.constexpr,
+    FLAGS: tl.constexpr,
+    PARAM_MODE: tl.constexpr,
+    NUM_STATES: tl.constexpr,
+    LOAD_STATES: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    UNSIGNED_STATES: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    QUANT_BLOCK: tl.constexpr,
+):
+    """The quantization blocks `blocks` (a vector of block indices) of one tensor whose
+    elements end at `end`, as a [blocks, QUANT_BLOCK] tile: load, decode, RULE, encode, store.
+    keep: the found_inf test per block (HAS_FOUND_INF)."""
+    offsets = blocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
+    mask = offsets < end
+    block_mask = blocks * QUANT_BLOCK < end
+    if HAS_FOUND_INF:
+        block_mask = block_mask & keep
+        mask = mask & keep[:, None]
+
+    param = load_param(param_ptr, extra_ptr, offsets, mask, PARAM_MODE)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        grad = tl.math.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
+        tl.store(grad_ptr + offsets, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
+    states = ()
+    for s in tl.static_range(NUM_STATES):
+        if LOAD_STATES:
+            value = load_state(state_ptrs[s], absmax_ptrs[s], offsets, mask, blocks, block_mask,
+                               QUANTIZED, ((1 << s) & UNSIGNED_STATES) == 0)
+        else:
+            value = tl.zeros(offsets.shape, tl.float32)
+        states = states + (value,)
+
+    param, states = RULE(param, grad, states, prepared, scalars, FLAGS)
+
+    for s in tl.static_range(NUM_STATES):
+        store_state(state_ptrs[s], absmax_ptrs[s], offsets, mask, blocks, block_mask, states[s],
+                    QUANTIZED, ((1 << s) & UNSIGNED_STATES) == 0)
+    store_param(param_ptr, extra_ptr, offsets, mask, param, step, tensor_index, PARAM_MODE)
+
+
+@triton.jit
+def found_inf_keep(found_inf_ptr, ROWS: tl.constexpr):
+    """True per row unless *found_inf_ptr is non-zero (GradScaler's skipped step)."""
+    return tl.broadcast_to(tl.load(found_inf_ptr), [ROWS]) == 0
+
+
 # tensor_index: not specialized (one compiled variant serves every tensor of a list).
 @triton.jit(do_not_specialize=["tensor_index"])
 def lean_tensor_kernel(
@@ -238,40 +313,87 @@ def lean_tensor_kernel(
     QUANTIZED); UNSIGNED_STATES: bit s set when state s is non-negative (its code unsigned);
     LOAD_STATES False: the states are written only (SGD's first step: the rule sets them)."""
     pid = tl.program_id(0).to(tl.int64)
-    blocks = pid * ROWS + tl.arange(0, ROWS)
-    offsets = blocks[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
-    mask = offsets < numel
-    block_mask = blocks * QUANT_BLOCK < numel
+    keep = None
     if HAS_FOUND_INF:
-        keep = tl.broadcast_to(tl.load(found_inf_ptr), [ROWS]) == 0
-        block_mask = block_mask & keep
-        mask = mask & keep[:, None]
-
+        keep = found_inf_keep(found_inf_ptr, ROWS)
     step = 0.0
     if HAS_STEP:
         step = tl.load(step_ptr).to(tl.float64) + 1.0
     prepared = PREPARE(step, load_lr(lr, LR_IS_TENSOR), scalars, FLAGS)
+    lean_tile(param_ptr, grad_ptr, extra_ptr, state_ptrs, absmax_ptrs,
+              pid * ROWS + tl.arange(0, ROWS), numel, keep, step, prepared, tensor_index,
+              scalars, grad_scale_ptr, RULE, FLAGS, PARAM_MODE, NUM_STATES, LOAD_STATES,
+              QUANTIZED, UNSIGNED_STATES, HAS_GRAD_SCALE, HAS_FOUND_INF, QUANT_BLOCK)
 
-    param = load_param(param_ptr, extra_ptr, offsets, mask, PARAM_MODE)
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        grad = tl.math.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
-        tl.store(grad_ptr + offsets, to_storage(grad, grad_ptr.dtype.element_ty), mask=mask)
-    states = ()
+
+@triton.jit
+def lean_multi_tensor_kernel(
+    tensor_table_ptr,
+    block_table_ptr,
+    scalars,
+    lr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    PREPARE: tl.constexpr,
+    RULE: tl.constexpr,
+    FLAGS: tl.constexpr,
+    PARAM_MODE: tl.constexpr,
+    NUM_STATES: tl.constexpr,
+    LOAD_STATES: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    UNSIGNED_STATES: tl.constexpr,
+    HAS_STEP: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    EXTRA_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    ROW_WIDTH: tl.constexpr,
+    ALIGNED_16: tl.constexpr,
+    ROWS: tl.constexpr,
+    QUANT_BLOCK: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr,
+):
+    """Many tensors; program i takes one chunk (CHUNK_SIZE elements, whole blocks) of one
+    tensor, ROWS blocks at a time.
+
+    tensor_table_ptr: int64 rows (multi_tensor.tables) of the addresses of the param, grad,
+    extra (PARAM_DTYPE, PARAM_DTYPE, EXTRA_DTYPE; 0 where param_mode has none), NUM_STATES
+    states (STATE_DTYPE), NUM_STATES absmaxes (float32; 0 unless QUANTIZED) and, with HAS_STEP,
+    the step (float32); then the tensor's index in the lists and numel."""
+    pid = tl.program_id(0).to(tl.int64)
+    row, chunk_start, chunk_end = program_chunk(tensor_table_ptr, block_table_ptr, pid,
+                                                ROW_WIDTH, ROWS * QUANT_BLOCK, CHUNK_SIZE)
+    param_ptr = table_pointer(row, PARAM_DTYPE, ALIGNED_16)
+    grad_ptr = table_pointer(row + 1, PARAM_DTYPE, ALIGNED_16)
+    extra_ptr = table_pointer(row + 2, EXTRA_DTYPE, ALIGNED_16)
+    state_ptrs = ()
     for s in tl.static_range(NUM_STATES):
-        if LOAD_STATES:
-            value = load_state(state_ptrs[s], absmax_ptrs[s], offsets, mask, blocks, block_mask,
-                               QUANTIZED, ((1 << s) & UNSIGNED_STATES) == 0)
-        else:
-            value = tl.zeros(offsets.shape, tl.float32)
-        states = states + (value,)
+        state_ptrs = state_ptrs + (table_pointer(row + 3 + s, STATE_DTYPE, ALIGNED_16),)
+    absmax_ptrs = state_ptrs
+    if QUANTIZED:
+        absmax_ptrs = ()
+        for s in tl.static_range(NUM_STATES):
+            absmax_ptrs = absmax_ptrs + (
+                table_pointer(row + 3 + NUM_STATES + s, tl.float32, ALIGNED_16),)
+    tensor_index = tl.load(row + (ROW_WIDTH - 2))
 
-    param, states = RULE(param, grad, states, prepared, scalars, FLAGS)
-
-    for s in tl.static_range(NUM_STATES):
-        store_state(state_ptrs[s], absmax_ptrs[s], offsets, mask, blocks, block_mask, states[s],
-                    QUANTIZED, ((1 << s) & UNSIGNED_STATES) == 0)
-    store_param(param_ptr, extra_ptr, offsets, mask, param, step, tensor_index, PARAM_MODE)
+    keep = None
+    if HAS_FOUND_INF:
+        keep = found_inf_keep(found_inf_ptr, ROWS)
+    step = 0.0
+    if HAS_STEP:
+        step_ptr = table_pointer(row + 3 + 2 * NUM_STATES, tl.float32, False)
+        step = tl.load(step_ptr).to(tl.float64) + 1.0
+    prepared = PREPARE(step, load_lr(lr, LR_IS_TENSOR), scalars, FLAGS)
+    first_block = chunk_start // QUANT_BLOCK
+    for tile in range(tl.cdiv(chunk_end - chunk_start, ROWS * QUANT_BLOCK)):
+        lean_tile(param_ptr, grad_ptr, extra_ptr, state_ptrs, absmax_ptrs,
+                  first_block + tile * ROWS + tl.arange(0, ROWS), chunk_end, keep, step,
+                  prepared, tensor_index, scalars, grad_scale_ptr, RULE, FLAGS, PARAM_MODE,
+                  NUM_STATES, LOAD_STATES, QUANTIZED, UNSIGNED_STATES, HAS_GRAD_SCALE,
+                  HAS_FOUND_INF, QUANT_BLOCK)
 
 
 def check_lean_lists(
@@ -350,6 +472,11 @@ def check_lean_lists(
     return quantized
 
 
+# Triton's element type of each dtype a lean table column holds.
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                 torch.float16: tl.float16, torch.uint8: tl.uint8, torch.int8: tl.int8}
+
+
 def launch_lean(
     prepare: triton.JITFunction,
     rule: triton.JITFunction,
@@ -367,12 +494,16 @@ def launch_lean(
     found_inf: Tensor | None,
     scalars: dict[str, float],
     flags: int,
+    multi_tensor: bool | None = None,
 ) -> None:
-    """One lean step of an algorithm (its prepare and rule), one launch per non-empty tensor.
+    """One lean step of an algorithm (its prepare and rule).
 
     states: per state, (values, absmaxes (empty unless quantized), signed), in the order the
     rule's states tuple takes them. state_steps: the step counts (None: the algorithm counts
-    none), which advance by one here, not at all when found_inf is non-zero."""
+    none), which advance by one here, not at all when found_inf is non-zero. multi_tensor:
+    None (default) launches lean_multi_tensor_kernel once on CUDA tensors, and
+    lean_tensor_kernel once per non-empty tensor elsewhere (the interpreter); True or False
+    forces one."""
     unsigned_states = sum(1 << s for s, (_, _, signed) in enumerate(states) if not signed)
     common = {
         **step_arguments(scalars, flags, lr, grad_scale, found_inf),
@@ -387,15 +518,33 @@ def launch_lean(
         "ROWS": ROWS,
         "QUANT_BLOCK": QUANT_BLOCK,
     }
-    for i, param in enumerate(params):
-        numel = param.numel()
-        if numel == 0:
-            continue
-        values = tuple(state[0][i] for state in states)
-        absmaxes = tuple(state[1][i] for state in states) if quantized else values
-        lean_tensor_kernel[(triton.cdiv(numel, ROWS * QUANT_BLOCK),)](
-            param, grads[i], param_extras[i] if param_extras else param, values, absmaxes,
-            state_steps[i] if state_steps is not None else param, numel, i, **common)
+    if multi_tensor is None:
+        multi_tensor = params[0].device.type == "cuda"
+    if multi_tensor:
+        table = tables(
+            [params, grads, param_extras or None, *(state[0] for state in states),
+             *(state[1] if quantized else None for state in states)],
+            extra_per_tensor=[state_steps] if state_steps is not None else [],
+            tensor_indices=True)
+        if table is not None:
+            lean_multi_tensor_kernel[(table.num_programs,)](
+                table.tensor_table, table.block_table,
+                PARAM_DTYPE=TRITON_DTYPES[params[0].dtype],
+                EXTRA_DTYPE=TRITON_DTYPES[param_extras[0].dtype if param_extras
+                                          else params[0].dtype],
+                STATE_DTYPE=TRITON_DTYPES[states[0][0][0].dtype if states else torch.float32],
+                ROW_WIDTH=table.row_width, ALIGNED_16=table.aligned, CHUNK_SIZE=CHUNK_SIZE,
+                **common)
+    else:
+        for i, param in enumerate(params):
+            numel = param.numel()
+            if numel == 0:
+                continue
+            values = tuple(state[0][i] for state in states)
+            absmaxes = tuple(state[1][i] for state in states) if quantized else values
+            lean_tensor_kernel[(triton.cdiv(numel, ROWS * QUANT_BLOCK),)](
+                param, grads[i], param_extras[i] if param_extras else param, values, absmaxes,
+                state_steps[i] if state_steps is not None else param, numel, i, **common)
     if state_steps:
         advance_steps(state_steps, found_inf)
 

@@ -99,6 +99,7 @@ def lion_lean(
     exp_avg_absmaxes: list[Tensor], param_extras: list[Tensor], state_steps: list[Tensor], *,
     lr: float | Tensor, beta1: float, beta2: float, weight_decay: float, maximize: bool,
     param_mode: str, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    multi_tensor: bool | None = None,
 ) -> None:
     """One Lion step with lean states, with the Triton lean kernel: the contract of
     fusedopt.reference.lion_lean (the spec), the inputs that
@@ -114,7 +115,7 @@ def lion_lean(
                 param_mode=param_mode, quantized=quantized,
                 scalars=_lion_scalars(beta1, beta2, weight_decay),
                 flags=pack_flags((MAXIMIZE, maximize)), lr=lr, grad_scale=grad_scale,
-                found_inf=found_inf)
+                found_inf=found_inf, multi_tensor=multi_tensor)
 
 
 def _lion_scalars(beta1: float, beta2: float, weight_decay: float) -> dict[str, float]:

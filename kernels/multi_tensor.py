@@ -302,6 +302,7 @@ def tables(
     lists: Sequence[Sequence[Tensor] | None],
     *,
     extra_per_tensor: Sequence[Sequence[Tensor]] = (),
+    tensor_indices: bool = False,
 ) -> Tables | None:
     """The address tables of one multi-tensor launch, or None when every tensor is empty.
 
@@ -309,20 +310,25 @@ def tables(
     None list is a column of zeros (a list the kernel does not use this call).
     extra_per_tensor: lists of per-tensor float32 scalars (say, Adam's steps) whose addresses
     follow the data addresses in each row; they are not counted in the alignment check.
+    tensor_indices: each row also holds its tensor's index in the lists (the lean kernel's
+    stochastic-rounding key), which empty tensors' missing rows make differ from the row's.
 
-    A row is then: len(lists) data addresses, len(extra_per_tensor) addresses, numel. Empty
-    tensors get no row. The result is cached on (device, layout, every row).
+    A row is then: len(lists) data addresses, len(extra_per_tensor) addresses, the tensor index
+    (with tensor_indices), numel. Empty tensors get no row. The result is cached on (device,
+    layout, every row).
     """
     params = lists[0]
     columns = [*lists, *extra_per_tensor]
     num_data = len(lists)
-    row_width = len(columns) + 1
+    row_width = len(columns) + 1 + int(tensor_indices)
     tensor_rows: list[int] = []
     for i, param in enumerate(params):
         numel = param.numel()
         if numel == 0:
             continue
         tensor_rows += [0 if column is None else column[i].data_ptr() for column in columns]
+        if tensor_indices:
+            tensor_rows.append(i)
         tensor_rows.append(numel)
     if not tensor_rows:
         return None

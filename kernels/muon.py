@@ -87,7 +87,8 @@ def muon_momentum(updates: list[Tensor], grads: list[Tensor], momentum_buffers: 
 
 def muon_momentum_lean(updates: list[Tensor], grads: list[Tensor],
                        momentum_buffers: list[Tensor], momentum_buffer_absmaxes: list[Tensor], *,
-                       momentum: float, nesterov: bool) -> None:
+                       momentum: float, nesterov: bool,
+                       multi_tensor: bool | None = None) -> None:
     """Muon's momentum step with lean buffers, with the Triton lean kernel: the contract of
     fusedopt.reference.muon_momentum_lean (the spec); updates (written only, in the place of
     params) and grads of one float dtype, buffers as fusedopt.kernels.lean.check_lean_lists
@@ -101,7 +102,8 @@ def muon_momentum_lean(updates: list[Tensor], grads: list[Tensor],
     launch_lean(_no_prepare, _momentum_rule, updates, grads,
                 [(momentum_buffers, momentum_buffer_absmaxes, True)], [], None,
                 param_mode="output", quantized=quantized, scalars=_momentum_scalars(momentum),
-                flags=pack_flags((NESTEROV, nesterov)), lr=0.0, grad_scale=None, found_inf=None)
+                flags=pack_flags((NESTEROV, nesterov)), lr=0.0, grad_scale=None, found_inf=None,
+                multi_tensor=multi_tensor)
 
 
 def _momentum_scalars(momentum: float) -> dict[str, float]:

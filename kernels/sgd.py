@@ -121,6 +121,7 @@ def sgd_lean(
     state_steps: list[Tensor], *, lr: float | Tensor, momentum: float, dampening: float,
     weight_decay: float, nesterov: bool, maximize: bool, is_first_step: bool, param_mode: str,
     grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    multi_tensor: bool | None = None,
 ) -> None:
     """One SGD step with lean states, with the Triton lean kernel: the contract of
     fusedopt.reference.sgd_lean (the spec; momentum_buffers and their absmaxes empty when
@@ -141,7 +142,7 @@ def sgd_lean(
                 param_mode=param_mode, quantized=quantized, load_states=not is_first_step,
                 scalars=_sgd_scalars(momentum, dampening, weight_decay),
                 flags=_sgd_flags(momentum, nesterov, maximize, is_first_step), lr=lr,
-                grad_scale=grad_scale, found_inf=found_inf)
+                grad_scale=grad_scale, found_inf=found_inf, multi_tensor=multi_tensor)
 
 
 def _sgd_scalars(momentum: float, dampening: float, weight_decay: float) -> dict[str, float]:

@@ -113,12 +113,12 @@ MODES = [  # (param dtype, moment dtype, param_mode)
 ]
 
 
-def lean_inputs(param_dtype, moment_dtype, mode, seed=0, device="cpu"):
+def lean_inputs(param_dtype, moment_dtype, mode, seed=0, device="cpu", sizes=SIZES):
     """Op arguments with states as a few Adam steps leave them (8-bit ones quantized), on
-    `device`."""
+    `device`, one tensor per size."""
     g = generator(seed)
     lists = [[] for _ in range(8)]
-    for i, n in enumerate(SIZES):
+    for i, n in enumerate(sizes):
         value = torch.randn(n, generator=g)
         m = torch.randn(n, generator=g) * 1e-2 * torch.exp(torch.randn(n, generator=g))
         v = m * m * torch.exp(torch.randn(n, generator=g)) + 1e-8
@@ -283,6 +283,44 @@ def test_muon_momentum_lean_op_matches_the_reference(backend, device, grad_dtype
                                   backend="reference")
     assert_lean_close(ours, theirs)
     assert all(torch.isfinite(u).all() for u in ours[0])
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not fusedopt.backends()["triton_interpreter"]["available"],
+                    reason=fusedopt.backends()["triton_interpreter"]["reason"])
+@pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
+                         ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
+def test_triton_multi_tensor_lean_launch_equals_per_tensor(param_dtype, moment_dtype, mode):
+    """The GPU's default lean path (one launch over an address table), run in the interpreter,
+    leaves the bits the per-tensor launches leave: Adam with GradScaler's unscaling, Lion, SGD
+    without momentum (no states) and Muon's momentum, over two chunks, a tail and an empty
+    tensor (which gets no row, so the stochastic key must come from the index column)."""
+    from fusedopt.kernels import adam, lion, multi_tensor, muon, sgd
+
+    sizes = (300, 0, multi_tensor.CHUNK_SIZE + 257, 4097)
+    lists = lean_inputs(param_dtype, moment_dtype, mode, sizes=sizes)
+    quantized = moment_dtype == torch.uint8
+    absmaxes = [lists[4], lists[5]] if quantized else [[], []]
+    cases = [
+        (adam.adam_lean, [*lists[:4], *absmaxes, *lists[6:]],
+         dict(HYPER, param_mode=mode, grad_scale=torch.tensor(2.0),
+              found_inf=torch.tensor(0.0))),
+        (lion.lion_lean, [*lists[:3], absmaxes[0], *lists[6:]],
+         dict(LION_HYPER, param_mode=mode)),
+        (sgd.sgd_lean, [lists[0], lists[1], [], [], *lists[6:]],
+         dict(SGD_HYPER, momentum=0.0, nesterov=False, is_first_step=False, param_mode=mode)),
+    ]
+    if mode == "nearest":
+        updates = [torch.zeros_like(g) for g in lists[1]]
+        cases.append((muon.muon_momentum_lean, [updates, lists[1], lists[2], absmaxes[0]],
+                      dict(momentum=0.95, nesterov=True)))
+    for launcher, args, hyper in cases:
+        ours, theirs = copy.deepcopy(args), copy.deepcopy(args)
+        launcher(*ours, **hyper, multi_tensor=True)
+        launcher(*theirs, **hyper, multi_tensor=False)
+        for column_ours, column_theirs in zip(ours, theirs):
+            for a, b in zip(column_ours, column_theirs):
+                assert torch.equal(a, b), launcher.__name__
 
 
 @pytest.mark.parametrize("backend,device", OP_BACKENDS)

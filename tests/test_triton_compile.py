@@ -272,9 +272,9 @@ LEAN_CASES = (
 )
 
 
-def run_lean(case: LeanCase) -> None:
+def run_lean(case: LeanCase, multi_tensor: bool = False) -> None:
     """Calls case.algorithm's lean launcher on two small CPU tensors (one partial 8-bit block
-    each)."""
+    each), one launch per tensor or (multi_tensor) one over an address table."""
     param_dtype = DTYPES[case.param_dtype]
     state_dtype = torch.uint8 if case.state_dtype == "uint8" else DTYPES[case.state_dtype]
 
@@ -293,7 +293,7 @@ def run_lean(case: LeanCase) -> None:
     amp = dict(lr=torch.tensor(1e-3) if "lr_tensor" in on else 1e-3,
                grad_scale=torch.tensor(2.0) if "grad_scale" in on else None,
                found_inf=torch.tensor(0.0) if "found_inf" in on else None,
-               maximize="maximize" in on, param_mode=case.mode)
+               maximize="maximize" in on, param_mode=case.mode, multi_tensor=multi_tensor)
     if case.algorithm == "adam":
         (m, m_absmax), (v, v_absmax) = state_lists(), state_lists()
         adam.adam_lean(params, grads, m, v, m_absmax, v_absmax, extras, steps, beta1=0.9,
@@ -309,18 +309,20 @@ def run_lean(case: LeanCase) -> None:
                      is_first_step="is_first_step" in on, **amp)
     else:
         muon.muon_momentum_lean(params, grads, *state_lists(), momentum=0.95,
-                                nesterov="nesterov" in on)
+                                nesterov="nesterov" in on, multi_tensor=multi_tensor)
 
 
+@pytest.mark.parametrize("multi", [False, True], ids=["tensor", "multi"])
 @pytest.mark.parametrize("case", LEAN_CASES, ids=[c.id for c in LEAN_CASES])
-def test_lean_kernels_compile_for_sm90(case, monkeypatch):
-    """The lean kernel in each param_mode and state format: it compiles, and holds no
+def test_lean_kernels_compile_for_sm90(case, multi, monkeypatch):
+    """Both lean kernels in each param_mode and state format: they compile, and hold no
     fma.rn.f32 (the contraction policy; Adam's fp64 bias corrections use fma.rn.f64) and no
     approximate division."""
-    launches = record_launches(monkeypatch, lambda: run_lean(case))
+    launches = record_launches(monkeypatch, lambda: run_lean(case, multi))
     assert_launched_under_the_contraction_policy(launches)
     for launch in launches:
-        assert launch.kernel is lean.lean_tensor_kernel
+        assert launch.kernel is (lean.lean_multi_tensor_kernel if multi
+                                 else lean.lean_tensor_kernel)
         ptx = compile_sm90(launch).asm["ptx"]
         assert "fma.rn.f32" not in ptx
         assert "div.full.f32" not in ptx and "div.approx" not in ptx
@@ -468,8 +470,9 @@ def test_the_cases_launch_every_kernel(monkeypatch):
         launched |= {launch.kernel for launch in
                      record_launches(monkeypatch, lambda case=case: run_optimizer(case))}
     for case in LEAN_CASES:
-        launched |= {launch.kernel for launch in
-                     record_launches(monkeypatch, lambda case=case: run_lean(case))}
+        for multi in (False, True):
+            launched |= {launch.kernel for launch in record_launches(
+                monkeypatch, lambda case=case, multi=multi: run_lean(case, multi))}
     for case in NORM_CASES:
         launched |= {launch.kernel for launch in
                      record_launches(monkeypatch, lambda case=case: run_norm(case))}
