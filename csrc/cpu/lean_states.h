@@ -205,9 +205,10 @@ FUSEDOPT_INLINE float reduce_max(const Vec& x) {
 // round(255 z); z = sign(x) |x / absmax|^(1/4)). Values are decoded with the block's stored
 // absmax; a block's new values wait in `pending` (L1) until the block ends and its new absmax
 // (gathered as they are stored) is known, and are encoded then. `pending` is the caller's
-// buffer, not a member: with no array inside, the compiler keeps the codec's fields (the
-// absmax being gathered, the pointers) in registers across the loop, where code stores (char
-// stores, which may alias anything) would otherwise force a reload of each after every store.
+// buffer, not a member: a codec holding an array lived in memory, where any store (the vector
+// stores may alias anything) could change its fields, so the absmax being gathered went through
+// the stack every iteration; without one it stays in a register (the in-cache 8-bit AdamW step
+// took ~22% less time).
 template <bool kSigned>
 struct BlockwiseStream {
   // The code's steps from 0 to the absmax: 127 each side of 128, or 255.
