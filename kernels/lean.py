@@ -1,13 +1,13 @@
 """The shared driver of the lean-state optimizer steps (adam_lean, lion_lean, sgd_lean,
-muon_momentum_lean in fusedopt.kernels): one @triton.jit kernel that decodes a tensor's states,
-runs an algorithm's rule on them and encodes them again, in one pass; the formats' codecs; the
-lean launch and its input checks.
+muon_momentum_lean in fusedopt.kernels): one @triton.jit tile (lean_tile) that decodes a
+tensor's states, runs an algorithm's rule on them and encodes them again, in one pass, and the
+two kernels that run it; the formats' codecs; the lean launch and its input checks.
 
 The formats are fusedopt.reference's "Lean states" section (the spec): states in a float dtype,
 or 8-bit blockwise (uint8 codes, one fp32 absmax per QUANT_BLOCK elements, fourth-root
-companding); bf16 / fp16 params kept per param_mode. A program takes ROWS whole quantization
-blocks as a [ROWS, QUANT_BLOCK] tile, so a block's absmax is one row's max and the codes of a
-block are encoded from the new values in the same program.
+companding); bf16 / fp16 params kept per param_mode. A tile is ROWS whole quantization blocks,
+[ROWS, QUANT_BLOCK], so a block's absmax is one row's max and the codes of a block are encoded
+from the new values in the same program.
 
 An algorithm gives its math as two @triton.jit functions (kernels/adam.py, lion.py, sgd.py,
 muon.py), the same ones its plain kernel runs:
