@@ -290,21 +290,31 @@ def test_muon_momentum_lean_op_matches_the_reference(backend, device, grad_dtype
                     reason=fusedopt.backends()["triton_interpreter"]["reason"])
 @pytest.mark.parametrize("param_dtype,moment_dtype,mode", MODES,
                          ids=[f"{p}-{m}-{mode}".replace("torch.", "") for p, m, mode in MODES])
-def test_triton_multi_tensor_lean_launch_equals_per_tensor(param_dtype, moment_dtype, mode):
+def test_triton_multi_tensor_lean_launch_equals_per_tensor(param_dtype, moment_dtype, mode,
+                                                           monkeypatch):
     """The GPU's default lean path (one launch over an address table), run in the interpreter,
-    leaves the bits the per-tensor launches leave: Adam with GradScaler's unscaling, Lion, SGD
-    without momentum (no states) and Muon's momentum, over two chunks, a tail and an empty
-    tensor (which gets no row, so the stochastic key must come from the index column)."""
-    from fusedopt.kernels import adam, lion, multi_tensor, muon, sgd
+    leaves the bits the per-tensor launches leave: Adam with GradScaler's unscaling, a skipped
+    step and a tensor lr, Lion, SGD without momentum (no states) and Muon's momentum, over two
+    chunks, a tail and an empty tensor (which gets no row, so the stochastic key must come from
+    the index column)."""
+    from fusedopt.kernels import adam, lean, lion, multi_tensor, muon, sgd
 
-    sizes = (300, 0, multi_tensor.CHUNK_SIZE + 257, 4097)
+    # 2,048-element chunks (two tiles) keep the interpreter quick; the tables built with them
+    # stay out of the module's cache.
+    for module in (multi_tensor, lean):
+        monkeypatch.setattr(module, "CHUNK_SIZE", 2048)
+    monkeypatch.setattr(multi_tensor, "_TABLE_CACHE", {})
+    sizes = (300, 0, 2 * 2048 + 257, 4097)
     lists = lean_inputs(param_dtype, moment_dtype, mode, sizes=sizes)
     quantized = moment_dtype == torch.uint8
     absmaxes = [lists[4], lists[5]] if quantized else [[], []]
+    adam_args = [*lists[:4], *absmaxes, *lists[6:]]
     cases = [
-        (adam.adam_lean, [*lists[:4], *absmaxes, *lists[6:]],
-         dict(HYPER, param_mode=mode, grad_scale=torch.tensor(2.0),
-              found_inf=torch.tensor(0.0))),
+        (adam.adam_lean, adam_args, dict(HYPER, param_mode=mode, grad_scale=torch.tensor(2.0),
+                                         found_inf=torch.tensor(0.0))),
+        (adam.adam_lean, adam_args, dict(HYPER, param_mode=mode, grad_scale=torch.tensor(2.0),
+                                         found_inf=torch.tensor(1.0))),  # a skipped step
+        (adam.adam_lean, adam_args, dict(HYPER, param_mode=mode, lr=torch.tensor(3e-2))),
         (lion.lion_lean, [*lists[:3], absmaxes[0], *lists[6:]],
          dict(LION_HYPER, param_mode=mode)),
         (sgd.sgd_lean, [lists[0], lists[1], [], [], *lists[6:]],
