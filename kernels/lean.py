@@ -44,6 +44,7 @@ from torch import Tensor
 from .multi_tensor import (
     CHUNK_SIZE,
     check_amp_scalars,
+    keep_mask,
     load_lr,
     program_chunk,
     step_arguments,
@@ -271,12 +272,6 @@ def lean_tile(
     store_param(param_ptr, extra_ptr, offsets, mask, param, step, tensor_index, PARAM_MODE)
 
 
-@triton.jit
-def found_inf_keep(found_inf_ptr, ROWS: tl.constexpr):
-    """True per row unless *found_inf_ptr is non-zero (GradScaler's skipped step)."""
-    return tl.broadcast_to(tl.load(found_inf_ptr), [ROWS]) == 0
-
-
 # tensor_index: not specialized (one compiled variant serves every tensor of a list).
 @triton.jit(do_not_specialize=["tensor_index"])
 def lean_tensor_kernel(
@@ -315,7 +310,7 @@ def lean_tensor_kernel(
     pid = tl.program_id(0).to(tl.int64)
     keep = None
     if HAS_FOUND_INF:
-        keep = found_inf_keep(found_inf_ptr, ROWS)
+        keep = keep_mask(found_inf_ptr, ROWS)  # per row
     step = 0.0
     if HAS_STEP:
         step = tl.load(step_ptr).to(tl.float64) + 1.0
@@ -381,7 +376,7 @@ def lean_multi_tensor_kernel(
 
     keep = None
     if HAS_FOUND_INF:
-        keep = found_inf_keep(found_inf_ptr, ROWS)
+        keep = keep_mask(found_inf_ptr, ROWS)  # per row
     step = 0.0
     if HAS_STEP:
         step_ptr = table_pointer(row + 3 + 2 * NUM_STATES, tl.float32, False)

@@ -12,7 +12,6 @@ from torch.optim import Optimizer
 
 from fusedopt._registry import BACKENDS
 from fusedopt.optim import _lean
-from fusedopt.optim._lean import DTensor
 
 
 def to_float(value: float | Tensor) -> float:
@@ -23,7 +22,7 @@ def to_float(value: float | Tensor) -> float:
 def local_tensor(t: Tensor) -> Tensor:
     """The tensor the kernels update: a DTensor's local shard (FSDP2: elementwise steps need no
     communication), a complex tensor viewed as real pairs (as torch does)."""
-    if DTensor is not None and isinstance(t, DTensor):
+    if _lean.is_dtensor(t):
         t = t.to_local()
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -81,7 +80,7 @@ def _total_norm(grads: list[Tensor]) -> Tensor:
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is not None:
         return get_total_norm(grads)
-    if DTensor is not None and any(isinstance(g, DTensor) for g in grads):
+    if any(_lean.is_dtensor(g) for g in grads):
         raise NotImplementedError(
             f"fusedopt: max_grad_norm with DTensor (FSDP2) grads needs torch 2.6 or later "
             f"(torch.nn.utils.get_total_norm); this is {torch.__version__}")
@@ -233,7 +232,7 @@ class FusedOptimizer(Optimizer):
         if not grads:
             return grad_scale
         total = _total_norm(grads)
-        if DTensor is not None and isinstance(total, DTensor):  # FSDP2: one all-reduce
+        if _lean.is_dtensor(total):  # FSDP2: one all-reduce
             total = total.full_tensor()
         # fp32, or fp64 where the grads are (their step computes in fp64).
         dtype = torch.promote_types(total.dtype, torch.float32)
