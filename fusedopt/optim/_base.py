@@ -165,21 +165,27 @@ class FusedOptimizer(Optimizer):
         options first (fusedopt.optim._lean)."""
         name = type(self).__name__
         batches: dict[tuple, list[list[Tensor]]] = {}
+        absmax_keys = [_lean.ABSMAX_KEYS[key] for key in keys]
+        modes: dict[torch.dtype, str] = {}  # a param's mode depends only on its dtype here
         for p, grad in params_with_grads(group, sparse_error):
             if p.is_complex():
                 raise ValueError(f"fusedopt.{name}: lean states do not support complex params")
             state = self.state[p]
             first_step = first_step_key is not None and first_step_key not in state
-            mode = _lean.param_mode(group, p)
+            mode = modes.get(p.dtype)
+            if mode is None:
+                mode = modes[p.dtype] = _lean.param_mode(group, p)
             dtype = _lean.moment_dtype(group, p)
             if "step" not in state:
                 state["step"] = self._step_tensor(p)
             for key in keys:
                 _lean.conform_moment(state, key, p, dtype)
             extra = _lean.conform_param_extra(state, p, mode)
-            absmaxes = [state[f"{key}_absmax"] for key in keys] if dtype == torch.uint8 else []
-            lists = batches.setdefault((p.device, p.dtype, dtype, mode, first_step),
-                                       [[] for _ in range(4 + 2 * len(keys))])
+            absmaxes = [state[key] for key in absmax_keys] if dtype == torch.uint8 else []
+            batch_key = (p.device, p.dtype, dtype, mode, first_step)
+            lists = batches.get(batch_key)
+            if lists is None:
+                lists = batches[batch_key] = [[] for _ in range(4 + 2 * len(keys))]
             row = [p, grad, *(state[key] for key in keys), *absmaxes]
             extras = [] if extra is None else [extra]
             if _lean.is_dtensor(p):  # a plain param's states are plain tensors: no lookups

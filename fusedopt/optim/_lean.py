@@ -45,6 +45,8 @@ STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 MIN_QUANTIZED_NUMEL = 4096
 # Whether each moment can be negative (its 8-bit code is signed).
 SIGNED_MOMENTS = {"exp_avg": True, "exp_avg_sq": False, "momentum_buffer": True}
+# The state key of each moment's 8-bit absmaxes.
+ABSMAX_KEYS = {key: f"{key}_absmax" for key in SIGNED_MOMENTS}
 # The extra state tensor of each param_mode, by state key.
 PARAM_EXTRA_KEYS = {"master": "master_weight", "compact": "master_weight_correction",
                     "kahan": "kahan_compensation"}
@@ -147,20 +149,22 @@ def moment(state: dict[str, Any], key: str) -> Tensor:
 def conform_moment(state: dict[str, Any], key: str, p: Tensor, dtype: torch.dtype) -> None:
     """Creates state[key] (zeros) in `dtype`'s format, or converts it there: say, fp32 moments
     loaded from a torch.optim checkpoint into 8-bit ones."""
-    if key not in state:
+    absmax_key = ABSMAX_KEYS[key]
+    value = state.get(key)
+    if value is None:
         if dtype == torch.uint8:
             zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state[key], state[f"{key}_absmax"] = quantize(zeros, SIGNED_MOMENTS[key], p)
+            state[key], state[absmax_key] = quantize(zeros, SIGNED_MOMENTS[key], p)
         else:
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return
-    quantized = f"{key}_absmax" in state
-    if (dtype == torch.uint8) == quantized and (quantized or state[key].dtype == dtype):
+    quantized = absmax_key in state
+    if (dtype == torch.uint8) == quantized and (quantized or value.dtype == dtype):
         return
     value = moment(state, key)
-    state.pop(f"{key}_absmax", None)
+    state.pop(absmax_key, None)
     if dtype == torch.uint8:
-        state[key], state[f"{key}_absmax"] = quantize(value, SIGNED_MOMENTS[key], p)
+        state[key], state[absmax_key] = quantize(value, SIGNED_MOMENTS[key], p)
     else:
         state[key] = value.to(dtype)
 
@@ -170,18 +174,19 @@ def conform_param_extra(state: dict[str, Any], p: Tensor, mode: str) -> Tensor |
     starts as the param's value, a correction or a compensation at zero); drops the others."""
     wanted = PARAM_EXTRA_KEYS.get(mode)
     for key in PARAM_EXTRA_KEYS.values():
-        if key != wanted:
-            state.pop(key, None)
+        if key != wanted and key in state:
+            del state[key]
     if wanted is None:
         return None
-    if wanted not in state:
+    extra = state.get(wanted)
+    if extra is None:
         if mode == "master":
-            state[wanted] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
-                                          copy=True)
+            extra = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
         else:
             dtype = torch.int8 if mode == "compact" else p.dtype
-            state[wanted] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-    return state[wanted]
+            extra = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state[wanted] = extra
+    return extra
 
 
 def full_precision_state(state: dict[str, Any]) -> dict[str, Any]:
