@@ -8,7 +8,7 @@
 
 #include <c10/util/bit_cast.h>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -53,6 +53,20 @@ FUSEDOPT_INLINE void load_codes(const code_storage_t<kCode>* src, int64_t count,
     hi = _mm512_cvtepi32_ps(widen(src + 16));
     return;
   }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // AVX2 builds too (CPUs without AVX-512): the scalar loop below made their 8-bit step ~2.8x
+  // slower in cache.
+  if (count == kVecStep) {
+    const auto widen = [](const code_storage_t<kCode>* p) {
+      __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+      if constexpr (kCode == Code::kUnsigned) return _mm256_cvtepu8_epi32(bytes);
+      if constexpr (kCode == Code::kOffset) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(-128));
+      return _mm256_cvtepi8_epi32(bytes);
+    };
+    lo = _mm256_cvtepi32_ps(widen(src));
+    hi = _mm256_cvtepi32_ps(widen(src + 8));
+    return;
+  }
 #endif
   alignas(64) float wide[kVecStep] = {};
   for (int64_t j = 0; j < count; ++j) {
@@ -78,6 +92,18 @@ FUSEDOPT_INLINE void store_codes(code_storage_t<kCode>* dst, int64_t count, cons
     };
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), narrow(lo));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), narrow(hi));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (count == kVecStep) {
+    // Saturating packs work within 128-bit lanes: the permute puts the words back in order.
+    const __m256i words = _mm256_permute4x64_epi64(
+        _mm256_packs_epi32(_mm256_cvtps_epi32(lo), _mm256_cvtps_epi32(hi)), 0xD8);
+    const __m128i low = _mm256_castsi256_si128(words), high = _mm256_extracti128_si256(words, 1);
+    __m128i bytes = kCode == Code::kUnsigned ? _mm_packus_epi16(low, high)
+                                             : _mm_packs_epi16(low, high);
+    if constexpr (kCode == Code::kOffset) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(-128));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), bytes);
     return;
   }
 #endif
