@@ -183,11 +183,18 @@ def quantize_blockwise(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     return codes.to(torch.uint8).reshape(x.shape), absmax
 
 
+# The smallest power of two whose half ulp a compact master counts in: bf16 values below it (in
+# practice, zeros) take its. Any power above 2^-126 would do; this one keeps every scaling the
+# kernels form from it (INV_127 * half ulp, 1 / half ulp) a normal fp32, so they can be made from
+# exponent bits alone.
+COMPACT_MIN_POWER = 2.0**-111
+
+
 def _half_ulp(p: Tensor) -> Tensor:
-    """Half the ulp of each bf16 value of p, in fp32: 2^(exponent - 8); subnormals and zeros take
-    the smallest normal exponent's."""
+    """Half the ulp of each bf16 value of p, in fp32: 2^(exponent - 8), the exponent at least
+    COMPACT_MIN_POWER's."""
     exponent_bits = p.to(torch.float32).view(torch.int32) & 0x7F800000
-    power = exponent_bits.view(torch.float32).clamp(min=2.0**-126)
+    power = exponent_bits.view(torch.float32).clamp(min=COMPACT_MIN_POWER)
     return power * 2.0**-8
 
 

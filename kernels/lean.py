@@ -68,6 +68,8 @@ ROWS = 4
 # reference.INV_127 and INV_255 as the fp32 constants every backend multiplies by.
 INV_127 = tl.constexpr(1.0 / 127)
 INV_255 = tl.constexpr(1.0 / 255)
+# reference.COMPACT_MIN_POWER, 2^-111.
+COMPACT_MIN_POWER = tl.constexpr(3.851859888774472e-34)
 # x + 2^23 - 2^23 rounds an fp32 x in [0, 2^23) to the nearest integer, ties to even (the
 # reference's torch.round), on every backend; codes and corrections are well within.
 ROUNDING_SHIFT = tl.constexpr(8388608.0)
@@ -99,7 +101,7 @@ def round_half_even(x):
 def half_ulp(p):
     """reference._half_ulp: half the ulp of each bf16 value p (given in fp32)."""
     exponent = (p.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.maximum(exponent, 1.1754943508222875e-38) * 0.00390625  # 2^-126, 2^-8
+    return tl.maximum(exponent, COMPACT_MIN_POWER) * 0.00390625  # 2^-8
 
 
 @triton.jit

@@ -83,6 +83,36 @@ def test_compact_master_error_is_under_a_254th_of_the_bf16_ulp():
     assert ((p.float() - value).abs() / value.abs()).max() > 2**-10  # bf16 alone is far worse
 
 
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+def test_compact_master_codec_matches_the_reference_at_every_scale(backend, device):
+    """A step that leaves the value as it is (lr 0) decodes each compact master and encodes it
+    again: bit for bit the reference's, from zeros and values below COMPACT_MIN_POWER (where the
+    kernels' powers of two would leave the normal range) up to 2^120. Not bf16 subnormals:
+    AVX512-BF16's conversion flushes them to zero (csrc/cpu/multi_tensor.h, pack_float)."""
+    g = generator(5)
+    n = 4096
+    exponents = torch.randint(-124, 121, (n,), generator=g).double()
+    value = (torch.randn(n, generator=g, dtype=torch.float64) * 2**exponents).float()
+    value[value.abs() < 2**-126] = 2**-126
+    value[:64] = 0.0
+    p = value.bfloat16()
+    correction = torch.randint(-127, 128, (n,), generator=g, dtype=torch.int8)
+    # A master half an ulp from its param is a tie, which rounds to the even neighbour.
+    correction[: n // 4] = 127
+    # Half of the corrections as the reference's split of the value leaves them.
+    p[n // 2:], correction[n // 2:] = reference.split_compact_master(value[n // 2:])
+    args = [[p], [torch.zeros(n, dtype=torch.bfloat16)], [torch.zeros(n)], [torch.ones(n)], [],
+            [], [correction], [torch.tensor(3.0)]]
+    ours = [[t.clone().to(device) for t in column] for column in args]
+    theirs = copy.deepcopy(args)
+    hyper = dict(HYPER, lr=0.0, weight_decay=0.0)
+    functional.adam_lean(*ours, **hyper, param_mode="compact", backend=backend)
+    functional.adam_lean(*theirs, **hyper, param_mode="compact", backend="reference")
+    assert (theirs[0][0] != p).sum() > 100  # the ties moved to their even neighbours
+    assert torch.equal(ours[0][0].cpu().view(torch.int16), theirs[0][0].view(torch.int16))
+    assert torch.equal(ours[6][0].cpu(), theirs[6][0])
+
+
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     value = torch.full((4096,), 1.0 + 3 * 2**-10)  # between bf16 1.0 and 1.0078125
     draws = torch.stack([reference.stochastic_round_bf16(value, torch.tensor(float(step)), 0)

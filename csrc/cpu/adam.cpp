@@ -40,7 +40,8 @@ constexpr int kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kAdamStreams = 5;
 // only with kAmsgrad. kEstimate (8-bit states, whose own error, ~1e-2, dwarfs the rounding order's
 // and the ~1e-4 of lean's hardware estimates): the same rule in the fewest vector ops, since the
 // 8-bit step is compute-bound: fused multiply-adds, the square root and the division from
-// lean::sqrt_estimate and divide_estimate.
+// lean::sqrt_estimate and divide_estimate; exp_avg and exp_avg_sq come already multiplied by
+// beta1 and beta2 (their codecs' decode_factor, set by adam_lean_cpu).
 template <bool kAmsgrad, typename Vec, bool kEstimate = false>
 auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   using T = typename Vec::value_type;
@@ -60,8 +61,8 @@ auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
     if constexpr (kEstimate) {
       // g + sign cwd p = sign (sign g + cwd p): the sign rides on (1 - beta1), and g * g drops it.
       if (coupled) g = at::vec::fmadd(signed_coupled_weight_decay, p, g);
-      m = at::vec::fmadd(g, signed_one_minus_beta1, m * beta1);
-      v = at::vec::fmadd(g, g * one_minus_beta2, v * beta2);
+      m = at::vec::fmadd(g, signed_one_minus_beta1, m);
+      v = at::vec::fmadd(g, g * one_minus_beta2, v);
       const Vec denom = at::vec::fmadd(lean::sqrt_estimate(v), inv_bc2_sqrt, eps);
       p = at::vec::fnmadd(lean::divide_estimate(m, denom), step_size, p * decay);
       return;
@@ -165,12 +166,16 @@ void adam_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& found_inf) {
   const LearningRate lr = learning_rate(lr_arg, "adam_lean_");
   if (params.empty()) return;
-  const std::array<lean::StateList, 2> states{
+  std::array<lean::StateList, 2> states{
       lean::StateList{"exp_avgs", exp_avgs, "exp_avg_absmaxes", exp_avg_absmaxes},
       lean::StateList{"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_absmaxes", exp_avg_sq_absmaxes}};
   const lean::LeanSpec spec = lean::check_lean_lists("adam_lean_", params, grads, states,
                                                      param_extras, state_steps, param_mode);
   if (skip_step(found_inf)) return;
+  if (spec.state_dtype == at::kByte) {  // adam_rule's 8-bit rule leaves these multiplies out
+    states[0].decode_factor = static_cast<float>(beta1);
+    states[1].decode_factor = static_cast<float>(beta2);
+  }
 
   const AdamHyper h{lr, beta1, beta2, weight_decay, eps, false, maximize,
                     decoupled_weight_decay, grad_unscale(grad_scale)};

@@ -229,13 +229,14 @@ FUSEDOPT_INLINE float reduce_max_abs(const Vec& acc) {
 
 // An 8-bit blockwise state (kSigned: exp_avg's code, 128 + round(127 z); else exp_avg_sq's,
 // round(255 z); z = sign(x) |x / absmax|^(1/4)). Values are decoded with the block's stored
-// absmax; a block's new values wait in `pending` (L1) until the block ends and its new absmax
-// (gathered as they are stored) is known, and are encoded then. A NaN value makes the absmax NaN,
-// as the reference's amax does, so the whole block decodes to NaN: a blow-up stays visible rather
-// than leaving a finite state. `pending` is the caller's buffer, not a member: a codec holding an
-// array lived in memory, where any store (the vector stores may alias anything) could change its
-// fields, so the absmax being gathered went through the stack every iteration; without one it
-// stays in a register (the in-cache 8-bit AdamW step took ~22% less time).
+// absmax, times decode_factor (StateList::decode_factor); a block's new values wait in `pending`
+// (L1) until the block ends and its new absmax (gathered as they are stored) is known, and are
+// encoded then. A NaN value makes the absmax NaN, as the reference's amax does, so the whole block
+// decodes to NaN: a blow-up stays visible rather than leaving a finite state. `pending` is the
+// caller's buffer, not a member: a codec holding an array lived in memory, where any store (the
+// vector stores may alias anything) could change its fields, so the absmax being gathered went
+// through the stack every iteration; without one it stays in a register (the in-cache 8-bit AdamW
+// step took ~22% less time).
 template <bool kSigned>
 struct BlockwiseStream {
   // The code's steps from 0 to the absmax: 127 each side of 128, or 255.
@@ -244,14 +245,15 @@ struct BlockwiseStream {
   uint8_t* codes;
   float* absmax;
   float* pending;  // kQuantBlock floats
-  float scale = 0;  // the block's stored absmax / kLevels^4
+  float decode_factor = 1.0f;
+  float scale = 0;  // the block's stored absmax * decode_factor / kLevels^4
   int64_t block_begin = 0;
   Vec new_absmax = Vec(0.0f);
 
   // The block from `begin` (a multiple of kQuantBlock) starts.
   FUSEDOPT_INLINE void begin_block(int64_t begin) {
     const float levels_squared = kLevels * kLevels;
-    scale = absmax[begin / kQuantBlock] / (levels_squared * levels_squared);
+    scale = absmax[begin / kQuantBlock] * (decode_factor / (levels_squared * levels_squared));
     new_absmax = Vec(0.0f);
     block_begin = begin;
   }
@@ -260,8 +262,8 @@ struct BlockwiseStream {
     lo = decode(lo);
     hi = decode(hi);
   }
-  // x = sign(d) d^4 * absmax / kLevels^4 with d the code's steps from zero: the reference's
-  // ((d / kLevels)^2)^2 * absmax up to rounding (a few ulp).
+  // x = sign(d) d^4 * absmax / kLevels^4 (times decode_factor) with d the code's steps from
+  // zero: the reference's ((d / kLevels)^2)^2 * absmax up to rounding (a few ulp).
   FUSEDOPT_INLINE Vec decode(const Vec& d) const {
     const Vec w = d * d;
     const Vec x = w * w * Vec(scale);
@@ -338,15 +340,24 @@ struct MasterParam {
   void end_block(int64_t, int64_t) {}
 };
 
-// Half the ulp of bf16 values (held exactly in fp32): 2^(exponent - 8), subnormals and zeros at
-// the smallest normal exponent (reference._half_ulp).
+// The exponent bits of reference.COMPACT_MIN_POWER (2^-111): a compact master's bf16 values below
+// it (in practice, zeros) count their correction in its half ulp, so that every power of two
+// CompactParam forms stays a normal fp32.
+constexpr uint32_t kMinExponentBits = 16u << 23;
+
+// Half the ulp of bf16 values (held exactly in fp32): 2^(exponent - 8), the exponent at least
+// 2^-111's (reference._half_ulp).
 FUSEDOPT_INLINE Vec half_ulp(const Vec& p) {
   const Vec exponent_bits = p & Vec(c10::bit_cast<float>(0x7F800000u));
-  return at::vec::maximum(exponent_bits, Vec(0x1p-126f)) * Vec(0x1p-8f);
+  return at::vec::maximum(exponent_bits, Vec(c10::bit_cast<float>(kMinExponentBits))) *
+         Vec(0x1p-8f);
 }
 
 // A bf16 param plus an int8 correction: its rounding error in 127ths of half its ulp (param_mode
-// "compact", a 24-bit master).
+// "compact", a 24-bit master). AVX-512 builds form the powers of two from the exponent bits with
+// integer adds, which leave the multiply pipe to the step (vscalefps / vgetexpps, or multiplies by
+// half_ulp, made the compact master cost as much as the rest of the 8-bit AdamW step); the values
+// are the same, since every scaling is by a power of two and stays normal.
 struct CompactParam {
   c10::BFloat16* param;
   int8_t* correction;
@@ -354,8 +365,8 @@ struct CompactParam {
     Vec p_lo, p_hi;
     load_float(param + i, n, p_lo, p_hi);
     load_codes<Code::kSigned>(correction + i, n, lo, hi);
-    lo = p_lo + lo * Vec(kInv127) * half_ulp(p_lo);
-    hi = p_hi + hi * Vec(kInv127) * half_ulp(p_hi);
+    lo = p_lo + lo * correction_unit(p_lo);
+    hi = p_hi + hi * correction_unit(p_hi);
   }
   FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
     const auto packed = pack_float<c10::BFloat16>(lo, hi);
@@ -367,20 +378,37 @@ struct CompactParam {
     auto [p_lo, p_hi] = at::vec::convert_to_float<c10::BFloat16>(packed);
     store_codes<Code::kSigned>(correction + i, n, error_code(lo, p_lo), error_code(hi, p_hi));
   }
+  // What one step of the correction is worth at p: kInv127 * half_ulp(p); the product rounds
+  // as the reference's correction * INV_127 * half_ulp(p) does, as half_ulp is a power of two.
+  FUSEDOPT_INLINE static Vec correction_unit(const Vec& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // kInv127 * 2^(E - 135) for p's exponent bits E << 23: E added to kInv127's exponent.
+    constexpr int32_t kShift = static_cast<int32_t>(c10::bit_cast<uint32_t>(kInv127)) - (135 << 23);
+    return _mm512_castsi512_ps(_mm512_add_epi32(exponent_bits(p), _mm512_set1_epi32(kShift)));
+#else
+    return Vec(kInv127) * half_ulp(p);
+#endif
+  }
   FUSEDOPT_INLINE static Vec error_code(const Vec& value, const Vec& p) {
     return at::vec::clamp(in_half_ulps(value - p, p), Vec(-1.0f), Vec(1.0f)) * Vec(127.0f);
   }
-  // x / half_ulp(p), exact (a power-of-two scaling). AVX-512 scales by the exponent that
-  // vgetexpps reads (clamped to the smallest normal one, as half_ulp is), since a vector
-  // division costs many multiplies' time here.
+  // x / half_ulp(p), exact.
   FUSEDOPT_INLINE static Vec in_half_ulps(const Vec& x, const Vec& p) {
 #if defined(CPU_CAPABILITY_AVX512)
-    const __m512 exponent = _mm512_max_ps(_mm512_getexp_ps(p), _mm512_set1_ps(-126.0f));
-    return _mm512_scalef_ps(x, _mm512_sub_ps(_mm512_set1_ps(8.0f), exponent));
+    // 1 / half_ulp(p) = 2^(135 - E): exponent bits (262 - E) << 23.
+    return x * Vec(_mm512_castsi512_ps(
+                   _mm512_sub_epi32(_mm512_set1_epi32(262 << 23), exponent_bits(p))));
 #else
     return x / half_ulp(p);
 #endif
   }
+#if defined(CPU_CAPABILITY_AVX512)
+  // p's exponent bits, at least kMinExponentBits.
+  FUSEDOPT_INLINE static __m512i exponent_bits(const Vec& p) {
+    return _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32(0x7F800000)),
+                            _mm512_set1_epi32(kMinExponentBits));
+  }
+#endif
   void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
 };
