@@ -133,7 +133,12 @@ def _adam_math(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
 # (signed states, code = 128 + round(127 z)) or 255 (non-negative states, code = round(255 z)).
 # The fourth root spends the 8 bits evenly in relative terms over ~9 decades (the smallest
 # non-zero code is 1/127^4 of the absmax): a block's small second moments do not collapse to 0,
-# which would turn their updates into m / eps.
+# which would turn their updates into m / eps. Near the absmax its steps are finer than a
+# float-like code's: one with 3 mantissa bits (sign + 4 exponent bits for exp_avg, 5 for
+# exp_avg_sq), which CPUs decode and encode with integer adds alone (~6% less CPU time per code
+# changed), was measured on test_8bit_updates_stay_within_five_percent_of_fp64_adamw's problem
+# (2026-12-06): mean update errors of 8% (exp_avg's code changed), 11% (exp_avg_sq's) and 15%
+# (both) of the update's norm, against 3.6% with the fourth root.
 #
 # A bf16 / fp16 param is updated in one of five ways (param_mode):
 #   "nearest"     as torch does: the new value rounded to nearest (no extra state)

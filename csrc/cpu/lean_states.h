@@ -354,10 +354,11 @@ FUSEDOPT_INLINE Vec half_ulp(const Vec& p) {
 }
 
 // A bf16 param plus an int8 correction: its rounding error in 127ths of half its ulp (param_mode
-// "compact", a 24-bit master). AVX-512 builds form the powers of two from the exponent bits with
-// integer adds, which leave the multiply pipe to the step (vscalefps / vgetexpps, or multiplies by
-// half_ulp, made the compact master cost as much as the rest of the 8-bit AdamW step); the values
-// are the same, since every scaling is by a power of two and stays normal.
+// "compact", a 24-bit master). AVX-512 and AVX2 builds form the powers of two from the exponent
+// bits with integer adds, which leave the multiply pipe to the step (vscalefps / vgetexpps or
+// multiplies by half_ulp on AVX-512, a vdivps on AVX2, made the compact master cost as much as
+// the rest of the 8-bit AdamW step); the values are the same, since every scaling is by a power
+// of two and stays normal.
 struct CompactParam {
   c10::BFloat16* param;
   int8_t* correction;
@@ -381,10 +382,13 @@ struct CompactParam {
   // What one step of the correction is worth at p: kInv127 * half_ulp(p); the product rounds
   // as the reference's correction * INV_127 * half_ulp(p) does, as half_ulp is a power of two.
   FUSEDOPT_INLINE static Vec correction_unit(const Vec& p) {
-#if defined(CPU_CAPABILITY_AVX512)
     // kInv127 * 2^(E - 135) for p's exponent bits E << 23: E added to kInv127's exponent.
-    constexpr int32_t kShift = static_cast<int32_t>(c10::bit_cast<uint32_t>(kInv127)) - (135 << 23);
+    [[maybe_unused]] constexpr int32_t kShift =
+        static_cast<int32_t>(c10::bit_cast<uint32_t>(kInv127)) - (135 << 23);
+#if defined(CPU_CAPABILITY_AVX512)
     return _mm512_castsi512_ps(_mm512_add_epi32(exponent_bits(p), _mm512_set1_epi32(kShift)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    return _mm256_castsi256_ps(_mm256_add_epi32(exponent_bits(p), _mm256_set1_epi32(kShift)));
 #else
     return Vec(kInv127) * half_ulp(p);
 #endif
@@ -394,19 +398,27 @@ struct CompactParam {
   }
   // x / half_ulp(p), exact.
   FUSEDOPT_INLINE static Vec in_half_ulps(const Vec& x, const Vec& p) {
-#if defined(CPU_CAPABILITY_AVX512)
     // 1 / half_ulp(p) = 2^(135 - E): exponent bits (262 - E) << 23.
-    return x * Vec(_mm512_castsi512_ps(
-                   _mm512_sub_epi32(_mm512_set1_epi32(262 << 23), exponent_bits(p))));
+#if defined(CPU_CAPABILITY_AVX512)
+    const auto inverse_bits = _mm512_set1_epi32(static_cast<int>(262u << 23));
+    return x * Vec(_mm512_castsi512_ps(_mm512_sub_epi32(inverse_bits, exponent_bits(p))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const auto inverse_bits = _mm256_set1_epi32(static_cast<int>(262u << 23));
+    return x * Vec(_mm256_castsi256_ps(_mm256_sub_epi32(inverse_bits, exponent_bits(p))));
 #else
     return x / half_ulp(p);
 #endif
   }
-#if defined(CPU_CAPABILITY_AVX512)
   // p's exponent bits, at least kMinExponentBits.
+#if defined(CPU_CAPABILITY_AVX512)
   FUSEDOPT_INLINE static __m512i exponent_bits(const Vec& p) {
     return _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32(0x7F800000)),
                             _mm512_set1_epi32(kMinExponentBits));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  FUSEDOPT_INLINE static __m256i exponent_bits(const Vec& p) {
+    return _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(p), _mm256_set1_epi32(0x7F800000)),
+                            _mm256_set1_epi32(kMinExponentBits));
   }
 #endif
   void begin_block(int64_t) {}
