@@ -340,25 +340,31 @@ struct MasterParam {
   void end_block(int64_t, int64_t) {}
 };
 
+using IntVec = at::vec::Vectorized<int32_t>;
+
+// The bits of fp32 lanes as int32 lanes (at::vec::cast goes through memory for this direction).
+FUSEDOPT_INLINE IntVec bits_of(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castps_si512(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castps_si256(x);
+#else
+  return at::vec::cast<int32_t>(x);
+#endif
+}
+
 // The exponent bits of reference.COMPACT_MIN_POWER (2^-111): a compact master's bf16 values below
 // it (in practice, zeros) count their correction in its half ulp, so that every power of two
 // CompactParam forms stays a normal fp32.
-constexpr uint32_t kMinExponentBits = 16u << 23;
-
-// Half the ulp of bf16 values (held exactly in fp32): 2^(exponent - 8), the exponent at least
-// 2^-111's (reference._half_ulp).
-FUSEDOPT_INLINE Vec half_ulp(const Vec& p) {
-  const Vec exponent_bits = p & Vec(c10::bit_cast<float>(0x7F800000u));
-  return at::vec::maximum(exponent_bits, Vec(c10::bit_cast<float>(kMinExponentBits))) *
-         Vec(0x1p-8f);
-}
+constexpr int32_t kMinExponentBits = 16 << 23;
 
 // A bf16 param plus an int8 correction: its rounding error in 127ths of half its ulp (param_mode
-// "compact", a 24-bit master). AVX-512 and AVX2 builds form the powers of two from the exponent
-// bits with integer adds, which leave the multiply pipe to the step (vscalefps / vgetexpps or
-// multiplies by half_ulp on AVX-512, a vdivps on AVX2, made the compact master cost as much as
-// the rest of the 8-bit AdamW step); the values are the same, since every scaling is by a power
-// of two and stays normal.
+// "compact", a 24-bit master). Half the ulp of a bf16 value p is 2^(E - 135) for p's exponent
+// bits E << 23 (E at least 2^-111's, as reference._half_ulp clamps it); the powers of two that
+// scale by it are formed from E with integer adds, which leave the multiply pipe to the step
+// (vscalefps / vgetexpps or multiplies by the half ulp on AVX-512, a vdivps on AVX2, made the
+// compact master cost as much as the rest of the 8-bit AdamW step). The values are the same as
+// the reference's, since every scaling is by a power of two and stays normal.
 struct CompactParam {
   c10::BFloat16* param;
   int8_t* correction;
@@ -379,48 +385,25 @@ struct CompactParam {
     auto [p_lo, p_hi] = at::vec::convert_to_float<c10::BFloat16>(packed);
     store_codes<Code::kSigned>(correction + i, n, error_code(lo, p_lo), error_code(hi, p_hi));
   }
-  // What one step of the correction is worth at p: kInv127 * half_ulp(p); the product rounds
-  // as the reference's correction * INV_127 * half_ulp(p) does, as half_ulp is a power of two.
+  // What one step of the correction is worth at p: kInv127 * half ulp, E added to kInv127's
+  // exponent. The product with the correction rounds as the reference's correction * INV_127 *
+  // half_ulp(p) does.
   FUSEDOPT_INLINE static Vec correction_unit(const Vec& p) {
-    // kInv127 * 2^(E - 135) for p's exponent bits E << 23: E added to kInv127's exponent.
-    [[maybe_unused]] constexpr int32_t kShift =
-        static_cast<int32_t>(c10::bit_cast<uint32_t>(kInv127)) - (135 << 23);
-#if defined(CPU_CAPABILITY_AVX512)
-    return _mm512_castsi512_ps(_mm512_add_epi32(exponent_bits(p), _mm512_set1_epi32(kShift)));
-#elif defined(CPU_CAPABILITY_AVX2)
-    return _mm256_castsi256_ps(_mm256_add_epi32(exponent_bits(p), _mm256_set1_epi32(kShift)));
-#else
-    return Vec(kInv127) * half_ulp(p);
-#endif
+    constexpr int32_t kShift = static_cast<int32_t>(c10::bit_cast<uint32_t>(kInv127)) - (135 << 23);
+    return at::vec::cast<float>(exponent_bits(p) + IntVec(kShift));
   }
   FUSEDOPT_INLINE static Vec error_code(const Vec& value, const Vec& p) {
     return at::vec::clamp(in_half_ulps(value - p, p), Vec(-1.0f), Vec(1.0f)) * Vec(127.0f);
   }
-  // x / half_ulp(p), exact.
+  // x / half ulp, exact: x * 2^(135 - E), whose exponent bits are (262 - E) << 23.
   FUSEDOPT_INLINE static Vec in_half_ulps(const Vec& x, const Vec& p) {
-    // 1 / half_ulp(p) = 2^(135 - E): exponent bits (262 - E) << 23.
-#if defined(CPU_CAPABILITY_AVX512)
-    const auto inverse_bits = _mm512_set1_epi32(static_cast<int>(262u << 23));
-    return x * Vec(_mm512_castsi512_ps(_mm512_sub_epi32(inverse_bits, exponent_bits(p))));
-#elif defined(CPU_CAPABILITY_AVX2)
-    const auto inverse_bits = _mm256_set1_epi32(static_cast<int>(262u << 23));
-    return x * Vec(_mm256_castsi256_ps(_mm256_sub_epi32(inverse_bits, exponent_bits(p))));
-#else
-    return x / half_ulp(p);
-#endif
+    const IntVec inverse_bits(static_cast<int32_t>(262u << 23));
+    return x * at::vec::cast<float>(inverse_bits - exponent_bits(p));
   }
   // p's exponent bits, at least kMinExponentBits.
-#if defined(CPU_CAPABILITY_AVX512)
-  FUSEDOPT_INLINE static __m512i exponent_bits(const Vec& p) {
-    return _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32(0x7F800000)),
-                            _mm512_set1_epi32(kMinExponentBits));
+  FUSEDOPT_INLINE static IntVec exponent_bits(const Vec& p) {
+    return at::vec::maximum(bits_of(p) & IntVec(0x7F800000), IntVec(kMinExponentBits));
   }
-#elif defined(CPU_CAPABILITY_AVX2)
-  FUSEDOPT_INLINE static __m256i exponent_bits(const Vec& p) {
-    return _mm256_max_epu32(_mm256_and_si256(_mm256_castps_si256(p), _mm256_set1_epi32(0x7F800000)),
-                            _mm256_set1_epi32(kMinExponentBits));
-  }
-#endif
   void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
 };
