@@ -17,6 +17,11 @@ the step counts (moments, scales, masters, corrections). "moved" is the bytes on
 writes per param by the format (say, fp32 params with 8-bit moments: p read+written 8, g 4,
 codes read+written 4); GB/s divides that by the step time, and the bandwidth it is compared with
 is measured in the same run (bench_optim.bandwidth_probe, 3 fp32 streams read+written, 1 read).
+"floor" is the time of one pass over the mode's own streams with next to no arithmetic
+(fusedopt.stream_rmw_ on tensors of the same dtypes, measured in the same rounds; CPU only):
+"time / floor" is how far the step is from what this machine's memory allows for its bytes, and
+"floor / baseline's" the lowest "time / baseline" it could reach here (streams of 1 or 2 bytes
+move at a lower rate than fp32 ones, so it is above the ratio of bytes moved).
 
     python bench/bench_lean.py [--rounds 5] [--device cuda]
 Writes a table per algorithm to the terminal, and JSON + Markdown under
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 
 import _report
 import torch
@@ -36,51 +42,84 @@ from bench_optim import bandwidth_probe, timer, workload_shapes
 
 import fusedopt
 
-U8, BF16, FP32 = torch.uint8, torch.bfloat16, torch.float32
+U8, I8, BF16, FP32 = torch.uint8, torch.int8, torch.bfloat16, torch.float32
 KW = dict(lr=1e-3, weight_decay=1e-2)
 LION_KW = dict(lr=1e-4, weight_decay=1e-2)
 SGD_KW = dict(lr=1e-3, momentum=0.9)
 
-# name: (param dtype, bytes moved per param, make(params) -> optimizer); the first mode is the
-# baseline, and a str names the bitsandbytes.optim class of the 8-bit peer (measured when it
-# imports and steps on CPU tensors).
+
+@dataclass(frozen=True)
+class Streams:
+    """What one step reads and writes per param, by dtype: the grad (read), the streams read and
+    written (the param or its master, moments, corrections), and those only written (a bf16 param
+    beside its fp32 master)."""
+
+    grad: torch.dtype
+    read_written: tuple[torch.dtype, ...]
+    written: tuple[torch.dtype, ...] = ()
+
+    @property
+    def moved(self) -> int:
+        """Bytes per param."""
+        return (_size(self.grad) + 2 * sum(map(_size, self.read_written))
+                + sum(map(_size, self.written)))
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# name: (param dtype, its Streams, make(params) -> optimizer); the first mode is the baseline, and
+# a str names the bitsandbytes.optim class of the 8-bit peer (measured when it imports and steps
+# on CPU tensors).
 ADAMW_MODES = {
-    "torch fused fp32": (FP32, 28, lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
-    "fusedopt fp32": (FP32, 28, lambda ps: fusedopt.AdamW(ps, **KW)),
-    "fusedopt fp32, bf16 moments": (FP32, 20, lambda ps: fusedopt.AdamW(
-        ps, **KW, state_dtype=BF16)),
-    "fusedopt fp32, 8-bit moments": (FP32, 16, lambda ps: fusedopt.AdamW(
-        ps, **KW, state_dtype=U8)),
-    "bitsandbytes AdamW8bit fp32": (FP32, 16, "AdamW8bit"),
-    "torch fused bf16": (BF16, 14, lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
-    "fusedopt bf16": (BF16, 14, lambda ps: fusedopt.AdamW(ps, **KW)),
-    "fusedopt bf16, fp32 master, fp32 moments": (BF16, 28, lambda ps: fusedopt.AdamW(
-        ps, **KW, master_weights=True, state_dtype=FP32)),
-    "fusedopt bf16, fp32 master, 8-bit moments": (BF16, 16, lambda ps: fusedopt.AdamW(
-        ps, **KW, master_weights=True, state_dtype=U8)),
-    "fusedopt bf16, compact master, bf16 moments": (BF16, 16, lambda ps: fusedopt.AdamW(
-        ps, **KW, master_weights="compact", state_dtype=BF16)),
-    "fusedopt bf16, compact master, 8-bit moments": (BF16, 12, lambda ps: fusedopt.AdamW(
-        ps, **KW, master_weights="compact", state_dtype=U8)),
-    "fusedopt bf16, Kahan, bf16 moments": (BF16, 18, lambda ps: fusedopt.AdamW(
-        ps, **KW, kahan_summation=True)),
-    "fusedopt bf16, stochastic rounding, bf16 moments": (BF16, 14, lambda ps: fusedopt.AdamW(
-        ps, **KW, stochastic_rounding=True)),
+    "torch fused fp32": (FP32, Streams(FP32, (FP32, FP32, FP32)),
+                         lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
+    "fusedopt fp32": (FP32, Streams(FP32, (FP32, FP32, FP32)),
+                      lambda ps: fusedopt.AdamW(ps, **KW)),
+    "fusedopt fp32, bf16 moments": (FP32, Streams(FP32, (FP32, BF16, BF16)),
+                                    lambda ps: fusedopt.AdamW(ps, **KW, state_dtype=BF16)),
+    "fusedopt fp32, 8-bit moments": (FP32, Streams(FP32, (FP32, U8, U8)),
+                                     lambda ps: fusedopt.AdamW(ps, **KW, state_dtype=U8)),
+    "bitsandbytes AdamW8bit fp32": (FP32, Streams(FP32, (FP32, U8, U8)), "AdamW8bit"),
+    "torch fused bf16": (BF16, Streams(BF16, (BF16, BF16, BF16)),
+                         lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
+    "fusedopt bf16": (BF16, Streams(BF16, (BF16, BF16, BF16)),
+                      lambda ps: fusedopt.AdamW(ps, **KW)),
+    "fusedopt bf16, fp32 master, fp32 moments": (
+        BF16, Streams(BF16, (FP32, FP32, FP32), written=(BF16,)),
+        lambda ps: fusedopt.AdamW(ps, **KW, master_weights=True, state_dtype=FP32)),
+    "fusedopt bf16, fp32 master, 8-bit moments": (
+        BF16, Streams(BF16, (FP32, U8, U8), written=(BF16,)),
+        lambda ps: fusedopt.AdamW(ps, **KW, master_weights=True, state_dtype=U8)),
+    "fusedopt bf16, compact master, bf16 moments": (
+        BF16, Streams(BF16, (BF16, I8, BF16, BF16)),
+        lambda ps: fusedopt.AdamW(ps, **KW, master_weights="compact", state_dtype=BF16)),
+    "fusedopt bf16, compact master, 8-bit moments": (
+        BF16, Streams(BF16, (BF16, I8, U8, U8)),
+        lambda ps: fusedopt.AdamW(ps, **KW, master_weights="compact", state_dtype=U8)),
+    "fusedopt bf16, Kahan, bf16 moments": (
+        BF16, Streams(BF16, (BF16, BF16, BF16, BF16)),
+        lambda ps: fusedopt.AdamW(ps, **KW, kahan_summation=True)),
+    "fusedopt bf16, stochastic rounding, bf16 moments": (
+        BF16, Streams(BF16, (BF16, BF16, BF16)),
+        lambda ps: fusedopt.AdamW(ps, **KW, stochastic_rounding=True)),
 }
 
 
 def momentum_modes(make, kw: dict, baseline: dict, peer: str) -> dict:
-    """Lion's or SGD's modes: one momentum buffer (p 8, g 4, buffer 8 / 4 / 2 bytes moved per
-    fp32 param; bf16 with the compact master: p 4, g 2, correction 2, codes 2)."""
+    """Lion's or SGD's modes: one momentum buffer beside the param (bf16 params with the compact
+    master: the param, its correction and the buffer's codes)."""
     return {**baseline,
-            "fusedopt fp32": (FP32, 20, lambda ps: make(ps, **kw)),
-            "fusedopt fp32, bf16 momentum": (FP32, 16, lambda ps: make(ps, **kw,
-                                                                        state_dtype=BF16)),
-            "fusedopt fp32, 8-bit momentum": (FP32, 14, lambda ps: make(ps, **kw,
-                                                                         state_dtype=U8)),
-            f"bitsandbytes {peer} fp32": (FP32, 14, peer),
-            "fusedopt bf16, compact master, 8-bit momentum": (BF16, 10, lambda ps: make(
-                ps, **kw, master_weights="compact", state_dtype=U8))}
+            "fusedopt fp32": (FP32, Streams(FP32, (FP32, FP32)), lambda ps: make(ps, **kw)),
+            "fusedopt fp32, bf16 momentum": (FP32, Streams(FP32, (FP32, BF16)),
+                                             lambda ps: make(ps, **kw, state_dtype=BF16)),
+            "fusedopt fp32, 8-bit momentum": (FP32, Streams(FP32, (FP32, U8)),
+                                              lambda ps: make(ps, **kw, state_dtype=U8)),
+            f"bitsandbytes {peer} fp32": (FP32, Streams(FP32, (FP32, U8)), peer),
+            "fusedopt bf16, compact master, 8-bit momentum": (
+                BF16, Streams(BF16, (BF16, I8, U8)),
+                lambda ps: make(ps, **kw, master_weights="compact", state_dtype=U8))}
 
 
 # algorithm: (its modes, the keywords of its bitsandbytes peer)
@@ -88,7 +127,8 @@ ALGORITHMS = {
     "adamw": (ADAMW_MODES, KW),
     "lion": (momentum_modes(fusedopt.Lion, LION_KW, {}, "Lion8bit"), LION_KW),
     "sgd": (momentum_modes(fusedopt.SGD, SGD_KW, {"torch fused fp32": (
-        FP32, 20, lambda ps: torch.optim.SGD(ps, **SGD_KW, fused=True))}, "SGD8bit"), SGD_KW),
+        FP32, Streams(FP32, (FP32, FP32)), lambda ps: torch.optim.SGD(ps, **SGD_KW, fused=True))},
+        "SGD8bit"), SGD_KW),
 }
 
 
@@ -123,46 +163,80 @@ def owned_bytes(optimizer: torch.optim.Optimizer) -> int:
                for key, value in state.items() if torch.is_tensor(value) and key != "step")
 
 
+def floor_probes(patterns, numel: int, device: str) -> dict[Streams, object]:
+    """For each pattern, fusedopt.stream_rmw_ over fresh tensors of its dtypes: one pass that
+    reads and writes what the step does with next to no arithmetic, chunked and threaded as the
+    steps are, so its time is the floor that pattern's step could reach here. A stream only
+    written counts as read and written (a cache reads a line before writing it back, as the steps
+    write). Patterns share their tensors. None on CUDA (the probe op is CPU only)."""
+    if device != "cpu" or not fusedopt.backends()["cpp"]["available"]:
+        return {}
+    pool: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+
+    def tensor(dtype: torch.dtype, index: int) -> torch.Tensor:
+        if (dtype, index) not in pool:
+            pool[dtype, index] = torch.zeros(numel, dtype=dtype)
+        return pool[dtype, index]
+
+    probes = {}
+    for pattern in dict.fromkeys(patterns):
+        outs_dtypes = [*pattern.read_written, *pattern.written]
+        outs = [tensor(d, outs_dtypes[:k].count(d)) for k, d in enumerate(outs_dtypes)]
+        src = tensor(pattern.grad, outs_dtypes.count(pattern.grad))
+        probes[pattern] = lambda outs=outs, src=src: torch.ops.fusedopt.stream_rmw_(outs, src)
+    return probes
+
+
 def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int, device: str
                   ) -> dict[str, object]:
-    """One algorithm's table: its modes interleaved round by round with the bandwidth probe."""
+    """One algorithm's table: its modes interleaved round by round with the bandwidth probe and
+    each mode's floor probe."""
     numel = sum(torch.Size(s).numel() for s in shapes)
     makers = {}
-    for name, (dtype, moved, make) in modes.items():
+    for name, (dtype, streams, make) in modes.items():
         if isinstance(make, str):
             make = bitsandbytes_optimizer(make, peer_kw, device)
         if make is not None:
-            makers[name] = (dtype, moved, make)
+            makers[name] = (dtype, streams, make)
     probe_name, probe, probe_bytes = bandwidth_probe(device, numel, 28)
+    floors = floor_probes([streams for _, streams, _ in makers.values()], numel, device)
     measure = timer(device)
     optimizers = {name: make(make_params(shapes, dtype, device))
                   for name, (dtype, _, make) in makers.items()}
-    for step in [o.step for o in optimizers.values()] + [probe]:  # state, first touch
+    for step in [o.step for o in optimizers.values()] + [probe, *floors.values()]:
+        step()  # state, first touch
         step()
-        step()
-    samples: dict[str, list[float]] = {name: [] for name in [*optimizers, "bandwidth"]}
+    samples: dict[object, list[float]] = {key: [] for key in [*optimizers, "bandwidth", *floors]}
     for _ in range(rounds):  # interleaved: every mode sees the same machine conditions
         samples["bandwidth"].append(measure(probe, 5))
+        for pattern, floor in floors.items():
+            samples[pattern].append(measure(floor, 5))
         for name, opt in optimizers.items():
             samples[name].append(measure(opt.step, 1 if name.startswith("bitsandbytes") else 5))
     bandwidth = probe_bytes / statistics.median(samples["bandwidth"]) / 1e9
-    medians = {name: statistics.median(samples[name]) for name in optimizers}
+    medians = {key: statistics.median(values) for key, values in samples.items() if values}
     baseline_name = next(iter(optimizers))
     baseline = medians[baseline_name]
     baseline_state = owned_bytes(optimizers[baseline_name])
-    peer = next((name for name in medians if name.startswith("bitsandbytes")), None)
+    baseline_floor = medians.get(makers[baseline_name][1])
+    peer = next((name for name in optimizers if name.startswith("bitsandbytes")), None)
     rows = {}
-    for name, seconds in medians.items():
-        dtype, moved, _ = makers[name]
+    for name in optimizers:
+        seconds = medians[name]
+        dtype, streams, _ = makers[name]
+        floor = medians.get(streams)
         state = owned_bytes(optimizers[name])
         rows[name] = {
             "param_dtype": str(dtype).replace("torch.", ""), "ms": seconds * 1e3,
             "time_vs_baseline": seconds / baseline,
             "time_vs_bitsandbytes_8bit": seconds / medians[peer] if peer else None,
             "state_MB": state / 1e6, "state_vs_baseline": state / baseline_state,
-            "state_B_per_param": state / numel, "moved_B_per_param": moved,
-            "GBps": moved * numel / seconds / 1e9,
-            "pct_bandwidth": 100 * moved * numel / seconds / 1e9 / bandwidth,
+            "state_B_per_param": state / numel, "moved_B_per_param": streams.moved,
+            "GBps": streams.moved * numel / seconds / 1e9,
+            "pct_bandwidth": 100 * streams.moved * numel / seconds / 1e9 / bandwidth,
+            "floor_ms": floor * 1e3 if floor else None,
+            "time_vs_floor": seconds / floor if floor else None,
+            "floor_vs_baseline_floor": floor / baseline_floor if floor else None,
             "ms_samples": [s * 1e3 for s in samples[name]]}
     return {"tensors": len(shapes), "params": numel, "bandwidth_GBps": bandwidth,
             "bandwidth_probe": probe_name, "baseline": baseline_name,
@@ -179,6 +253,10 @@ def run(rounds: int, algorithms=tuple(ALGORITHMS), device: str = "cpu") -> dict[
 TITLES = {"adamw lean": "AdamW", "lion lean": "Lion", "sgd lean": "SGD (momentum 0.9)"}
 
 
+def _cell(value, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(report: dict[str, object]) -> str:
     lines = _report.header(report["machine"])
     for key, result in report["results"].items():
@@ -188,16 +266,17 @@ def markdown(report: dict[str, object]) -> str:
                   f"Baseline: {result['baseline']}.", "",
                   "| mode | params | ms/step | time / baseline | time / bnb 8-bit | "
                   "state MB | state / baseline's | state B/param | moved B/param | GB/s | "
-                  "% of bandwidth |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "% of bandwidth | floor ms | time / floor | floor / baseline's |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in result["rows"].items():
-            bnb = row["time_vs_bitsandbytes_8bit"]
             lines.append(
                 f"| {name} | {row['param_dtype']} | {row['ms']:.2f} | "
-                f"{row['time_vs_baseline']:.2f} | {'' if bnb is None else f'{bnb:.3f}'} | "
+                f"{row['time_vs_baseline']:.2f} | {_cell(row['time_vs_bitsandbytes_8bit'], 3)} | "
                 f"{row['state_MB']:.1f} | {row['state_vs_baseline']:.2f} | "
                 f"{row['state_B_per_param']:.2f} | {row['moved_B_per_param']} | "
-                f"{row['GBps']:.1f} | {row['pct_bandwidth']:.0f}% |")
+                f"{row['GBps']:.1f} | {row['pct_bandwidth']:.0f}% | "
+                f"{_cell(row['floor_ms'], 2)} | {_cell(row['time_vs_floor'], 2)} | "
+                f"{_cell(row['floor_vs_baseline_floor'], 2)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -52,13 +52,24 @@ def test_opcheck_stream_rmw():
 
 
 @needs_ext
-def test_stream_rmw_adds_src_to_every_out():
-    src = torch.randn(70001)
-    outs = [torch.randn(70001) for _ in range(3)]
-    expected = [o + src for o in outs]
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stream_rmw_adds_src_to_every_out(src_dtype):
+    """Float outs get src added (in fp32, rounded to the out's dtype), 1-byte outs (a lean step's
+    codes) get one added, wrapping: a probe of any mix of an optimizer's streams."""
+    src = torch.randn(70001).to(src_dtype)
+    dtypes = [torch.float32, torch.bfloat16, torch.uint8, torch.float32, torch.int8]
+    outs = [torch.randn(70001).to(d) if d.is_floating_point else
+            torch.randint(-128 if d == torch.int8 else 0, 128 if d == torch.int8 else 256,
+                          (70001,), dtype=d) for d in dtypes]
+    expected = [(o.float() + src.float()).to(o.dtype) if o.is_floating_point() else o + 1
+                for o in outs]
+    torch.library.opcheck(torch.ops.fusedopt.stream_rmw_.default,
+                          ([o.clone() for o in outs], src))
     torch.ops.fusedopt.stream_rmw_(outs, src)
     for o, e in zip(outs, expected):
-        torch.testing.assert_close(o, e)
+        assert torch.equal(o, e), o.dtype
+    with pytest.raises(RuntimeError, match="every out must be a contiguous float32, bfloat16"):
+        torch.ops.fusedopt.stream_rmw_([torch.zeros(70001, dtype=torch.float16)], src)
 
 
 @needs_ext

@@ -1,7 +1,9 @@
-// Bandwidth probes. stream_rmw_: out[k] += src for every k, chunked and threaded exactly like the
-// optimizer kernels, so "% of bandwidth" compares an optimizer step against the same access
-// pattern. stream_sum: a fresh output = the sum of its inputs, written as the norm kernels write
-// theirs, the bytes floor of an op that reads those inputs and returns a new tensor.
+// Bandwidth probes. stream_rmw_: out[k] += src for every k (a 1-byte out: += 1), chunked and
+// threaded exactly like the optimizer kernels, so "% of bandwidth" compares an optimizer step
+// against the same access pattern; outs of mixed dtypes make a lean step's pattern (say fp32
+// params with 8-bit moments: an fp32 out, two uint8 outs, an fp32 src). stream_sum: a fresh
+// output = the sum of its inputs, written as the norm kernels write theirs, the bytes floor of an
+// op that reads those inputs and returns a new tensor.
 #include <torch/library.h>
 
 #include <vector>
@@ -13,32 +15,65 @@
 namespace fusedopt::cpu {
 namespace {
 
-void stream_rmw_cpu(at::TensorList outs, const at::Tensor& src) {
-  TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.is_contiguous(),
-              "fusedopt.stream_rmw_ (cpu): src must be a contiguous float32 CPU tensor");
-  for (const at::Tensor& out : outs) {
-    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                    out.sizes() == src.sizes(),
-                "fusedopt.stream_rmw_ (cpu): every out must be a contiguous float32 CPU tensor "
-                "shaped like src");
-  }
-  const float* in = src.const_data_ptr<float>();
-  std::vector<float*> dst;
-  for (const at::Tensor& out : outs) dst.push_back(out.data_ptr<float>());
-  // One "tensor" of src.numel() elements; every out is streamed over the same chunk.
-  parallel_for_chunks({src.numel()}, [&](const Chunk& c) {
+// A stream_rmw_ out: its data and how its elements are read and written.
+struct RmwStream {
+  void* data;
+  at::ScalarType dtype;  // float32, bfloat16, or a 1-byte dtype
+};
+
+template <typename src_t>
+void stream_rmw_typed(const std::vector<RmwStream>& dst, const src_t* in, int64_t numel) {
+  // One "tensor" of numel elements; every out is streamed over the same chunk.
+  parallel_for_chunks({numel}, [&](const Chunk& c) {
     for_each_vector(c.begin, c.end, [&](int64_t i) {
       prefetch_ahead<false>(in, i);  // as the optimizer kernels do
-      for (float* d : dst) prefetch_ahead<true>(d, i);
+      for (const RmwStream& d : dst) {
+        if (d.dtype == at::kFloat) prefetch_ahead<true>(static_cast<float*>(d.data), i);
+      }
     }, [&](int64_t i, int64_t n) {
       Vec s0, s1, o0, o1;
       load_float(in + i, n, s0, s1);
-      for (float* d : dst) {
-        load_float(d + i, n, o0, o1);
-        store_float(d + i, n, o0 + s0, o1 + s1);
+      for (const RmwStream& d : dst) {
+        if (d.dtype == at::kFloat) {
+          float* out = static_cast<float*>(d.data) + i;
+          load_float(out, n, o0, o1);
+          store_float(out, n, o0 + s0, o1 + s1);
+        } else if (d.dtype == at::kBFloat16) {
+          c10::BFloat16* out = static_cast<c10::BFloat16*>(d.data) + i;
+          load_float(out, n, o0, o1);
+          store_float(out, n, o0 + s0, o1 + s1);
+        } else {  // codes: n <= kVecStep <= one byte vector
+          using Bytes = at::vec::Vectorized<uint8_t>;
+          static_assert(kVecStep <= Bytes::size());
+          uint8_t* out = static_cast<uint8_t*>(d.data) + i;
+          const Bytes codes = Bytes::loadu(out, static_cast<uint8_t>(n));
+          (codes + Bytes(1)).store(out, static_cast<int>(n));
+        }
       }
     });
   });
+}
+
+void stream_rmw_cpu(at::TensorList outs, const at::Tensor& src) {
+  TORCH_CHECK(src.device().is_cpu() && src.is_contiguous() &&
+                  (src.scalar_type() == at::kFloat || src.scalar_type() == at::kBFloat16),
+              "fusedopt.stream_rmw_ (cpu): src must be a contiguous float32 or bfloat16 CPU "
+              "tensor");
+  std::vector<RmwStream> dst;
+  for (const at::Tensor& out : outs) {
+    const at::ScalarType dtype = out.scalar_type();
+    TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.sizes() == src.sizes() &&
+                    (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kByte ||
+                     dtype == at::kChar),
+                "fusedopt.stream_rmw_ (cpu): every out must be a contiguous float32, bfloat16, "
+                "uint8 or int8 CPU tensor shaped like src");
+    dst.push_back({out.data_ptr(), dtype});
+  }
+  if (src.scalar_type() == at::kFloat) {
+    stream_rmw_typed(dst, src.const_data_ptr<float>(), src.numel());
+  } else {
+    stream_rmw_typed(dst, src.const_data_ptr<c10::BFloat16>(), src.numel());
+  }
 }
 
 at::Tensor stream_sum_cpu(at::TensorList inputs) {
