@@ -188,32 +188,24 @@ def quantize_blockwise(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     return codes.to(torch.uint8).reshape(x.shape), absmax
 
 
-# The smallest power of two whose half ulp a compact master counts in: bf16 values below it (in
-# practice, zeros) take its. Any power above 2^-126 would do; this one keeps every scaling the
-# kernels form from it (INV_127 * half ulp, 1 / half ulp) a normal fp32, so they can be made from
-# exponent bits alone.
-COMPACT_MIN_POWER = 2.0**-111
-
-
-def _half_ulp(p: Tensor) -> Tensor:
-    """Half the ulp of each bf16 value of p, in fp32: 2^(exponent - 8), the exponent at least
-    COMPACT_MIN_POWER's."""
-    exponent_bits = p.to(torch.float32).view(torch.int32) & 0x7F800000
-    power = exponent_bits.view(torch.float32).clamp(min=COMPACT_MIN_POWER)
-    return power * 2.0**-8
-
-
+# A compact master (param_mode "compact", a 24-bit master) is a bf16 param plus an int8
+# correction c: its fp32 bits are the param's plus 256 c, i.e. c counts steps of 2^8 fp32 ulps,
+# 1/256 of the param's bf16 ulp. Integers on the bits, so every backend decodes and encodes it
+# with adds and shifts, exactly.
 def compact_master(p: Tensor, correction: Tensor) -> Tensor:
     """The fp32 value of a bf16 param and its int8 correction (param_mode "compact")."""
-    return p.to(torch.float32) + correction.to(torch.float32) * INV_127 * _half_ulp(p)
+    bits = p.to(torch.float32).view(torch.int32) + correction.to(torch.int32) * 256
+    return bits.view(torch.float32)
 
 
 def split_compact_master(value: Tensor) -> tuple[Tensor, Tensor]:
-    """(bf16 param, int8 correction) of fp32 values: the param rounded to nearest, and its
-    rounding error in 127ths of half its ulp."""
+    """(bf16 param, int8 correction) of fp32 values: the param rounded to nearest (ties to even),
+    and the bits it leaves out (2^15 fp32 ulps at most, either way) in steps of 2^8, rounded half
+    up: the master is within 128 ulps of the value, or 256 where those bits are within 128 ulps
+    of +2^15 and the correction saturates at 127."""
     p = value.to(torch.bfloat16)
-    error = (value - p.to(torch.float32)) / _half_ulp(p)
-    return p, torch.round(torch.clamp(error, -1, 1) * 127).to(torch.int8)
+    error = value.to(torch.float32).view(torch.int32) - p.to(torch.float32).view(torch.int32)
+    return p, torch.clamp((error + 128) >> 8, -128, 127).to(torch.int8)
 
 
 def _mix32(x: Tensor) -> Tensor:

@@ -68,8 +68,6 @@ ROWS = 4
 # reference.INV_127 and INV_255 as the fp32 constants every backend multiplies by.
 INV_127 = tl.constexpr(1.0 / 127)
 INV_255 = tl.constexpr(1.0 / 255)
-# reference.COMPACT_MIN_POWER, 2^-111.
-COMPACT_MIN_POWER = tl.constexpr(3.851859888774472e-34)
 # x + 2^23 - 2^23 rounds an fp32 x in [0, 2^23) to the nearest integer, ties to even (the
 # reference's torch.round), on every backend; codes and corrections are well within.
 ROUNDING_SHIFT = tl.constexpr(8388608.0)
@@ -95,13 +93,6 @@ def to_storage(value, DTYPE: tl.constexpr):
 def round_half_even(x):
     """x (fp32, in [0, 2^23)) rounded to an integer, ties to even."""
     return (x + ROUNDING_SHIFT) - ROUNDING_SHIFT
-
-
-@triton.jit
-def half_ulp(p):
-    """reference._half_ulp: half the ulp of each bf16 value p (given in fp32)."""
-    exponent = (p.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    return tl.maximum(exponent, COMPACT_MIN_POWER) * 0.00390625  # 2^-8
 
 
 @triton.jit
@@ -134,9 +125,10 @@ def load_param(param_ptr, extra_ptr, offsets, mask, PARAM_MODE: tl.constexpr):
         param = tl.load(extra_ptr + offsets, mask=mask)
     else:
         param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-        if PARAM_MODE == COMPACT:
-            correction = tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
-            param = param + correction * INV_127 * half_ulp(param)
+        if PARAM_MODE == COMPACT:  # reference.compact_master: integers on the bits
+            correction = tl.load(extra_ptr + offsets, mask=mask).to(tl.int32)
+            param = (param.to(tl.int32, bitcast=True) + correction * 256).to(tl.float32,
+                                                                            bitcast=True)
         elif PARAM_MODE == KAHAN:
             param = param + tl.load(extra_ptr + offsets, mask=mask).to(tl.float32)
     return param
@@ -149,11 +141,8 @@ def store_param(param_ptr, extra_ptr, offsets, mask, value, step, tensor_index,
     dtype: tl.constexpr = param_ptr.dtype.element_ty
     if PARAM_MODE == COMPACT:
         rounded = round_to_bf16(value)
-        error = tl.math.div_rn(value - rounded, half_ulp(rounded))
-        scaled = tl.minimum(tl.maximum(error, -1.0), 1.0) * 127.0
-        # Ties to even are symmetric: round the magnitude, then restore the sign.
-        correction = round_half_even(tl.abs(scaled))
-        correction = tl.where(scaled < 0.0, -correction, correction)
+        error = value.to(tl.int32, bitcast=True) - rounded.to(tl.int32, bitcast=True)
+        correction = tl.minimum(tl.maximum((error + 128) >> 8, -128), 127)
         tl.store(extra_ptr + offsets, correction.to(tl.int8), mask=mask)
         tl.store(param_ptr + offsets, rounded.to(dtype), mask=mask)
     elif PARAM_MODE == KAHAN:

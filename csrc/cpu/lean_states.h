@@ -26,8 +26,6 @@ namespace fusedopt::cpu::lean {
 constexpr int64_t kQuantBlock = 256;
 static_assert(kChunkElements % kQuantBlock == 0 && kQuantBlock % kVecStep == 0);
 
-constexpr float kInv127 = static_cast<float>(1.0 / 127);
-
 // The codes of a stream: uint8 (exp_avg_sq), int8 (a compact master's correction), or uint8
 // holding 128 + an int8 value (exp_avg's signed code, "offset binary"): flipping its top bit
 // gives the int8, so offset codes load and store as int8 ones with no vector add.
@@ -36,11 +34,13 @@ enum class Code { kUnsigned, kSigned, kOffset };
 template <Code kCode>
 using code_storage_t = std::conditional_t<kCode == Code::kSigned, int8_t, uint8_t>;
 
-// kVecStep codes as two fp32 vectors of their values (an offset code's minus 128); `count` fewer
+using IntVec = at::vec::Vectorized<int32_t>;
+
+// kVecStep codes as two int32 vectors of their values (an offset code's minus 128); `count` fewer
 // are zeros.
 template <Code kCode>
-FUSEDOPT_INLINE void load_codes(const code_storage_t<kCode>* src, int64_t count, Vec& lo,
-                                Vec& hi) {
+FUSEDOPT_INLINE void load_code_ints(const code_storage_t<kCode>* src, int64_t count, IntVec& lo,
+                                    IntVec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (count == kVecStep) {
     const auto widen = [](const code_storage_t<kCode>* p) {
@@ -49,8 +49,8 @@ FUSEDOPT_INLINE void load_codes(const code_storage_t<kCode>* src, int64_t count,
       if constexpr (kCode == Code::kOffset) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(-128));
       return _mm512_cvtepi8_epi32(bytes);
     };
-    lo = _mm512_cvtepi32_ps(widen(src));
-    hi = _mm512_cvtepi32_ps(widen(src + 16));
+    lo = widen(src);
+    hi = widen(src + 16);
     return;
   }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -63,29 +63,37 @@ FUSEDOPT_INLINE void load_codes(const code_storage_t<kCode>* src, int64_t count,
       if constexpr (kCode == Code::kOffset) bytes = _mm_xor_si128(bytes, _mm_set1_epi8(-128));
       return _mm256_cvtepi8_epi32(bytes);
     };
-    lo = _mm256_cvtepi32_ps(widen(src));
-    hi = _mm256_cvtepi32_ps(widen(src + 8));
+    lo = widen(src);
+    hi = widen(src + 8);
     return;
   }
 #endif
-  alignas(64) float wide[kVecStep] = {};
+  alignas(64) int32_t wide[kVecStep] = {};
   for (int64_t j = 0; j < count; ++j) {
-    wide[j] = static_cast<float>(src[j]) - (kCode == Code::kOffset ? 128.0f : 0.0f);
+    wide[j] = static_cast<int32_t>(src[j]) - (kCode == Code::kOffset ? 128 : 0);
   }
-  lo = Vec::loadu(wide);
-  hi = Vec::loadu(wide + Vec::size());
+  lo = IntVec::loadu(wide);
+  hi = IntVec::loadu(wide + IntVec::size());
 }
 
-// fp32 values rounded to nearest (ties to even) into codes, saturating at the code's range
-// (0 to 255 unsigned, -128 to 127 signed and offset).
+// The same as fp32 vectors.
 template <Code kCode>
-FUSEDOPT_INLINE void store_codes(code_storage_t<kCode>* dst, int64_t count, const Vec& lo,
-                                 const Vec& hi) {
+FUSEDOPT_INLINE void load_codes(const code_storage_t<kCode>* src, int64_t count, Vec& lo,
+                                Vec& hi) {
+  IntVec lo_ints, hi_ints;
+  load_code_ints<kCode>(src, count, lo_ints, hi_ints);
+  lo = at::vec::convert_to_fp_of_same_size<float>(lo_ints);
+  hi = at::vec::convert_to_fp_of_same_size<float>(hi_ints);
+}
+
+// int32 values into codes, saturating at the code's range (0 to 255 unsigned, -128 to 127
+// signed and offset).
+template <Code kCode>
+FUSEDOPT_INLINE void store_code_ints(code_storage_t<kCode>* dst, int64_t count,
+                                     const IntVec& lo, const IntVec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (count == kVecStep) {
-    // cvtps rounds as MXCSR says: to nearest even unless someone changed it.
-    const auto narrow = [](const Vec& v) {
-      const __m512i wide = _mm512_cvtps_epi32(v);
+    const auto narrow = [](const IntVec& wide) {
       if constexpr (kCode == Code::kUnsigned) return _mm512_cvtusepi32_epi8(wide);
       const __m128i bytes = _mm512_cvtsepi32_epi8(wide);
       return kCode == Code::kOffset ? _mm_xor_si128(bytes, _mm_set1_epi8(-128)) : bytes;
@@ -97,8 +105,7 @@ FUSEDOPT_INLINE void store_codes(code_storage_t<kCode>* dst, int64_t count, cons
 #elif defined(CPU_CAPABILITY_AVX2)
   if (count == kVecStep) {
     // Saturating packs work within 128-bit lanes: the permute puts the words back in order.
-    const __m256i words = _mm256_permute4x64_epi64(
-        _mm256_packs_epi32(_mm256_cvtps_epi32(lo), _mm256_cvtps_epi32(hi)), 0xD8);
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
     const __m128i low = _mm256_castsi256_si128(words), high = _mm256_extracti128_si256(words, 1);
     __m128i bytes = kCode == Code::kUnsigned ? _mm_packus_epi16(low, high)
                                              : _mm_packs_epi16(low, high);
@@ -107,16 +114,34 @@ FUSEDOPT_INLINE void store_codes(code_storage_t<kCode>* dst, int64_t count, cons
     return;
   }
 #endif
-  alignas(64) float wide[kVecStep];
+  alignas(64) int32_t wide[kVecStep];
   lo.store(wide);
-  hi.store(wide + Vec::size());
-  constexpr float kMin = kCode == Code::kUnsigned ? 0.0f : -128.0f;
-  constexpr float kMax = kCode == Code::kUnsigned ? 255.0f : 127.0f;
-  constexpr float kOffset = kCode == Code::kOffset ? 128.0f : 0.0f;
+  hi.store(wide + IntVec::size());
+  constexpr int32_t kMin = kCode == Code::kUnsigned ? 0 : -128;
+  constexpr int32_t kMax = kCode == Code::kUnsigned ? 255 : 127;
+  constexpr int32_t kOffset = kCode == Code::kOffset ? 128 : 0;
   for (int64_t j = 0; j < count; ++j) {
-    dst[j] = static_cast<code_storage_t<kCode>>(
-        std::nearbyint(std::clamp(wide[j], kMin, kMax)) + kOffset);
+    dst[j] = static_cast<code_storage_t<kCode>>(std::clamp(wide[j], kMin, kMax) + kOffset);
   }
+}
+
+// fp32 values rounded to nearest (ties to even) into codes, saturating as store_code_ints does.
+template <Code kCode>
+FUSEDOPT_INLINE void store_codes(code_storage_t<kCode>* dst, int64_t count, const Vec& lo,
+                                 const Vec& hi) {
+  // cvtps rounds as MXCSR says: to nearest even unless someone changed it.
+#if defined(CPU_CAPABILITY_AVX512)
+  const auto round = [](const Vec& x) -> IntVec { return _mm512_cvtps_epi32(x); };
+#elif defined(CPU_CAPABILITY_AVX2)
+  const auto round = [](const Vec& x) -> IntVec { return _mm256_cvtps_epi32(x); };
+#else
+  // Clamped first: an out-of-range float has no int32 (the vector instructions saturate).
+  const auto round = [](const Vec& x) {
+    return at::vec::convert_to_int_of_same_size(
+        at::vec::clamp(x, Vec(-256.0f), Vec(256.0f)).round());
+  };
+#endif
+  store_code_ints<kCode>(dst, count, round(lo), round(hi));
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -340,8 +365,6 @@ struct MasterParam {
   void end_block(int64_t, int64_t) {}
 };
 
-using IntVec = at::vec::Vectorized<int32_t>;
-
 // The bits of fp32 lanes as int32 lanes (at::vec::cast goes through memory for this direction).
 FUSEDOPT_INLINE IntVec bits_of(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -353,27 +376,21 @@ FUSEDOPT_INLINE IntVec bits_of(const Vec& x) {
 #endif
 }
 
-// The exponent bits of reference.COMPACT_MIN_POWER (2^-111): a compact master's bf16 values below
-// it (in practice, zeros) count their correction in its half ulp, so that every power of two
-// CompactParam forms stays a normal fp32.
-constexpr int32_t kMinExponentBits = 16 << 23;
-
-// A bf16 param plus an int8 correction: its rounding error in 127ths of half its ulp (param_mode
-// "compact", a 24-bit master). Half the ulp of a bf16 value p is 2^(E - 135) for p's exponent
-// bits E << 23 (E at least 2^-111's, as reference._half_ulp clamps it); the powers of two that
-// scale by it are formed from E with integer adds, which leave the multiply pipe to the step
-// (vscalefps / vgetexpps or multiplies by the half ulp on AVX-512, a vdivps on AVX2, made the
-// compact master cost as much as the rest of the 8-bit AdamW step). The values are the same as
-// the reference's, since every scaling is by a power of two and stays normal.
+// A bf16 param plus an int8 correction c (param_mode "compact", a 24-bit master): the master's
+// fp32 bits are the param's plus 256 c (reference.compact_master), so both ways are integer adds
+// and shifts on the bits, exactly the reference's. (Counting c in 127ths of half a bf16 ulp, as
+// an earlier format did, took ~0.4 ns per param of float work in cache, half the 8-bit AdamW
+// step's own.)
 struct CompactParam {
   c10::BFloat16* param;
   int8_t* correction;
   FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
     Vec p_lo, p_hi;
+    IntVec c_lo, c_hi;
     load_float(param + i, n, p_lo, p_hi);
-    load_codes<Code::kSigned>(correction + i, n, lo, hi);
-    lo = p_lo + lo * correction_unit(p_lo);
-    hi = p_hi + hi * correction_unit(p_hi);
+    load_code_ints<Code::kSigned>(correction + i, n, c_lo, c_hi);
+    lo = at::vec::cast<float>(bits_of(p_lo) + (c_lo << IntVec(8)));
+    hi = at::vec::cast<float>(bits_of(p_hi) + (c_hi << IntVec(8)));
   }
   FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
     const auto packed = pack_float<c10::BFloat16>(lo, hi);
@@ -383,26 +400,13 @@ struct CompactParam {
       packed.store(param + i, n);
     }
     auto [p_lo, p_hi] = at::vec::convert_to_float<c10::BFloat16>(packed);
-    store_codes<Code::kSigned>(correction + i, n, error_code(lo, p_lo), error_code(hi, p_hi));
+    store_code_ints<Code::kSigned>(correction + i, n, steps_left_out(lo, p_lo),
+                                   steps_left_out(hi, p_hi));
   }
-  // What one step of the correction is worth at p: kInv127 * half ulp, E added to kInv127's
-  // exponent. The product with the correction rounds as the reference's correction * INV_127 *
-  // half_ulp(p) does.
-  FUSEDOPT_INLINE static Vec correction_unit(const Vec& p) {
-    constexpr int32_t kShift = static_cast<int32_t>(c10::bit_cast<uint32_t>(kInv127)) - (135 << 23);
-    return at::vec::cast<float>(exponent_bits(p) + IntVec(kShift));
-  }
-  FUSEDOPT_INLINE static Vec error_code(const Vec& value, const Vec& p) {
-    return at::vec::clamp(in_half_ulps(value - p, p), Vec(-1.0f), Vec(1.0f)) * Vec(127.0f);
-  }
-  // x / half ulp, exact: x * 2^(135 - E), whose exponent bits are (262 - E) << 23.
-  FUSEDOPT_INLINE static Vec in_half_ulps(const Vec& x, const Vec& p) {
-    const IntVec inverse_bits(static_cast<int32_t>(262u << 23));
-    return x * at::vec::cast<float>(inverse_bits - exponent_bits(p));
-  }
-  // p's exponent bits, at least kMinExponentBits.
-  FUSEDOPT_INLINE static IntVec exponent_bits(const Vec& p) {
-    return at::vec::maximum(bits_of(p) & IntVec(0x7F800000), IntVec(kMinExponentBits));
+  // The bits that rounding value to p left out, in steps of 2^8 rounded half up (saturated to
+  // int8 as they are stored).
+  FUSEDOPT_INLINE static IntVec steps_left_out(const Vec& value, const Vec& p) {
+    return (bits_of(value) - bits_of(p) + IntVec(128)) >> IntVec(8);
   }
   void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}
