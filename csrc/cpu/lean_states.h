@@ -435,13 +435,29 @@ struct KahanParam {
   void end_block(int64_t, int64_t) {}
 };
 
-// murmur3's 32-bit finalizer (reference._mix32).
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  return x ^ (x >> 16);
+// x >> k for uint32 values: on a scalar, and on the uint32 lanes that IntVecs hold (whose own
+// >> is arithmetic).
+inline uint32_t shift_right_logical(uint32_t x, int k) { return x >> k; }
+
+FUSEDOPT_INLINE IntVec shift_right_logical(const IntVec& x, int k) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_srli_epi32(x, k);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_srli_epi32(x, k);
+#else
+  return (x >> IntVec(k)) & IntVec(static_cast<int32_t>(0xFFFFFFFFu >> k));
+#endif
+}
+
+// murmur3's 32-bit finalizer (reference._mix32), on a uint32 or on each lane of an IntVec
+// (its multiplies wrap as uint32 ones do).
+template <typename T>
+FUSEDOPT_INLINE T mix32(T x) {
+  x = x ^ shift_right_logical(x, 16);
+  x = x * T(static_cast<int32_t>(0x85EBCA6Bu));
+  x = x ^ shift_right_logical(x, 13);
+  x = x * T(static_cast<int32_t>(0xC2B2AE35u));
+  return x ^ shift_right_logical(x, 16);
 }
 
 // The per-tensor key of stochastic rounding's random bits (reference.stochastic_round_bf16).
@@ -450,23 +466,50 @@ inline uint32_t stochastic_key(double step, int64_t tensor_index) {
                0x9E3779B9u * static_cast<uint32_t>(tensor_index + 1));
 }
 
-// A bf16 param rounded up or down at random, unbiased (param_mode "stochastic").
+// The high 16 bits of each int32 lane as bf16 values, the first `count` (kVecStep at most).
+FUSEDOPT_INLINE void store_high_halves(c10::BFloat16* dst, int64_t count, const IntVec& lo,
+                                       const IntVec& hi) {
+  alignas(64) uint16_t halves[kVecStep];
+#if defined(CPU_CAPABILITY_AVX512)
+  // vpmovdw keeps each lane's low 16 bits: after the shift, its high ones.
+  const __m256i lo_halves = _mm512_cvtepi32_epi16(_mm512_srli_epi32(lo, 16));
+  const __m256i hi_halves = _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16));
+  if (count == kVecStep) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo_halves);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), hi_halves);
+    return;
+  }
+  _mm256_store_si256(reinterpret_cast<__m256i*>(halves), lo_halves);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(halves + 16), hi_halves);
+#else
+  alignas(64) int32_t bits[kVecStep];
+  lo.store(bits);
+  hi.store(bits + IntVec::size());
+  for (int64_t j = 0; j < count; ++j) {
+    halves[j] = static_cast<uint16_t>(static_cast<uint32_t>(bits[j]) >> 16);
+  }
+#endif
+  std::memcpy(dst, halves, count * sizeof(uint16_t));
+}
+
+// A bf16 param rounded up or down at random, unbiased (param_mode "stochastic"): 16 random bits,
+// hashed from the key and the element's index, added to the fp32 value's, which then drops its
+// low 16 (reference.stochastic_round_bf16), lane by lane.
 struct StochasticParam {
   c10::BFloat16* param;
   uint32_t key;
   FUSEDOPT_INLINE void load(int64_t i, int64_t n, Vec& lo, Vec& hi) const {
     load_float(param + i, n, lo, hi);
   }
-  void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
-    alignas(64) float value[kVecStep];
-    lo.store(value);
-    hi.store(value + Vec::size());
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t noise = mix32(static_cast<uint32_t>(i + j) * 0x9E3779B1u ^ key) & 0xFFFFu;
-      const uint32_t bits = (c10::bit_cast<uint32_t>(value[j]) + noise) >> 16;
-      uint16_t half = static_cast<uint16_t>(bits);
-      std::memcpy(&param[i + j], &half, sizeof(half));
-    }
+  FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
+    // Element indices as uint32 (they wrap as the reference's do), then their random bits.
+    const IntVec index = IntVec::arange(static_cast<int32_t>(static_cast<uint32_t>(i)), 1);
+    const IntVec key_lanes(static_cast<int32_t>(key)), spread(static_cast<int32_t>(0x9E3779B1u));
+    const auto noise = [&](const IntVec& element) {
+      return mix32((element * spread) ^ key_lanes) & IntVec(0xFFFF);
+    };
+    const IntVec next = index + IntVec(IntVec::size());
+    store_high_halves(param + i, n, bits_of(lo) + noise(index), bits_of(hi) + noise(next));
   }
   void begin_block(int64_t) {}
   void end_block(int64_t, int64_t) {}

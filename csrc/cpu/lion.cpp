@@ -24,21 +24,23 @@ constexpr int kExpAvg = 2, kLionStreams = 3;
 // Lion's rule on one vector of each stream, in fp32 registers (fp64 for fp64 storage); each
 // constant is formed as the reference forms it (in double from Python floats) and rounded to T
 // once. Every product and sum rounds on its own, in the reference's order, so that the sign taken
-// is the reference's.
+// is the reference's. Two of its multiplies become exact equivalents: maximize's sign rides on
+// the (1 - beta) factors ((-k) * g is exactly k * (-g)), and lr * sign(c) is lr masked by c's
+// comparisons.
 template <typename Vec>
 auto lion_rule(const LionHyper& h) {
   using T = typename Vec::value_type;
-  const Vec beta1(T(h.beta1)), one_minus_beta1(T(1.0 - h.beta1)), beta2(T(h.beta2)),
-      one_minus_beta2(T(1.0 - h.beta2)), lr(T(h.lr.value)),
-      decay(decay_factor<T>(h.lr, h.weight_decay)), sign_of_grad(T(h.maximize ? -1 : 1)),
-      zero(T(0)), one(T(1));
-  return [=](Vec& p, Vec g, Vec& m) FUSEDOPT_INLINE_LAMBDA {
-    g = g * sign_of_grad;
-    const Vec c = beta1 * m + one_minus_beta1 * g;
-    // sign(c) with sign(0) = 0, as torch.sign: comparisons give all-ones masks.
-    const Vec sign = ((c > zero) & one) - ((c < zero) & one);
-    p = p * decay - lr * sign;
-    m = beta2 * m + one_minus_beta2 * g;
+  const T sign_of_grad(h.maximize ? -1 : 1);
+  const Vec beta1(T(h.beta1)), beta2(T(h.beta2)), lr(T(h.lr.value)),
+      signed_one_minus_beta1(sign_of_grad * T(1.0 - h.beta1)),
+      signed_one_minus_beta2(sign_of_grad * T(1.0 - h.beta2)),
+      decay(decay_factor<T>(h.lr, h.weight_decay)), zero(T(0));
+  return [=](Vec& p, const Vec& g, Vec& m) FUSEDOPT_INLINE_LAMBDA {
+    const Vec c = beta1 * m + signed_one_minus_beta1 * g;
+    // lr * sign(c) with sign(0) = 0, as torch.sign: comparisons give all-ones masks.
+    const Vec lr_signed = ((c > zero) & lr) - ((c < zero) & lr);
+    p = p * decay - lr_signed;
+    m = beta2 * m + signed_one_minus_beta2 * g;
   };
 }
 
