@@ -503,7 +503,8 @@ struct StochasticParam {
   }
   FUSEDOPT_INLINE void store(int64_t i, int64_t n, const Vec& lo, const Vec& hi) const {
     // Element indices as uint32 (they wrap as the reference's do), then their random bits.
-    const IntVec index = IntVec::arange(static_cast<int32_t>(static_cast<uint32_t>(i)), 1);
+    const IntVec first(static_cast<int32_t>(static_cast<uint32_t>(i)));
+    const IntVec index = first + IntVec::arange(0, 1);
     const IntVec key_lanes(static_cast<int32_t>(key)), spread(static_cast<int32_t>(0x9E3779B1u));
     const auto noise = [&](const IntVec& element) {
       return mix32((element * spread) ^ key_lanes) & IntVec(0xFFFF);
