@@ -18,7 +18,8 @@ writes per param by the format (say, fp32 params with 8-bit moments: p read+writ
 codes read+written 4); GB/s divides that by the step time, and the bandwidth it is compared with
 is measured in the same run (bench_optim.bandwidth_probe, 3 fp32 streams read+written, 1 read).
 "floor" is the time of one pass over the mode's own streams with next to no arithmetic
-(fusedopt.stream_rmw_ on tensors of the same dtypes, measured in the same rounds; CPU only):
+(fusedopt.stream_rmw_ on tensors of the same dtypes, measured in the same rounds; CPU only; its
+bf16 streams convert as the steps' do, which is integer work on CPUs without AVX512-BF16):
 "time / floor" is how far the step is from what this machine's memory allows for its bytes, and
 "floor / baseline's" the lowest "time / baseline" it could reach here (streams of 1 or 2 bytes
 move at a lower rate than fp32 ones, so it is above the ratio of bytes moved).

@@ -42,12 +42,12 @@ void stream_rmw_typed(const std::vector<RmwStream>& dst, const src_t* in, int64_
           c10::BFloat16* out = static_cast<c10::BFloat16*>(d.data) + i;
           load_float(out, n, o0, o1);
           store_float(out, n, o0 + s0, o1 + s1);
-        } else {  // codes: n <= kVecStep <= one byte vector
-          using Bytes = at::vec::Vectorized<uint8_t>;
-          static_assert(kVecStep <= Bytes::size());
+        } else {
+          // Codes: a plain loop, which the compiler vectorizes (at::vec's partial byte vectors,
+          // kVecStep of Vectorized<uint8_t>::size(), go through memcpy on AVX2 and made this
+          // probe slower than the steps it bounds).
           uint8_t* out = static_cast<uint8_t*>(d.data) + i;
-          const Bytes codes = Bytes::loadu(out, static_cast<uint8_t>(n));
-          (codes + Bytes(1)).store(out, static_cast<int>(n));
+          for (int64_t j = 0; j < n; ++j) out[j] = static_cast<uint8_t>(out[j] + 1);
         }
       }
     });
