@@ -73,7 +73,7 @@ def test_zero_states_decode_to_zero():
 def test_compact_master_error_is_within_256_fp32_ulps():
     """The stated bound: the master's bits are within 128 of the value's (2^-16 of its binade,
     1/512 of the bf16 ulp), or 256 where the correction saturates (the bits rounding left out
-    within 128 of +2^15: 1/256 of such values); bf16 alone is 2^15 off."""
+    within 128 of +2^15: about 1/500 of values); bf16 alone is 2^15 off."""
     value = wide_values(100_000, 1)
     p, correction = reference.split_compact_master(value)
     assert p.dtype == torch.bfloat16 and correction.dtype == torch.int8
