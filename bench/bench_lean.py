@@ -62,48 +62,44 @@ class Streams:
     @property
     def moved(self) -> int:
         """Bytes per param."""
-        return (_size(self.grad) + 2 * sum(map(_size, self.read_written))
-                + sum(map(_size, self.written)))
+        return (self.grad.itemsize + 2 * sum(d.itemsize for d in self.read_written)
+                + sum(d.itemsize for d in self.written))
 
 
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-# name: (param dtype, its Streams, make(params) -> optimizer); the first mode is the baseline, and
-# a str names the bitsandbytes.optim class of the 8-bit peer (measured when it imports and steps
-# on CPU tensors).
+# name: (its Streams, make(params) -> optimizer), the params and grads in Streams.grad's dtype; the
+# first mode is the baseline, and a str names the bitsandbytes.optim class of the 8-bit peer
+# (measured when it imports and steps on CPU tensors).
 ADAMW_MODES = {
-    "torch fused fp32": (FP32, Streams(FP32, (FP32, FP32, FP32)),
+    "torch fused fp32": (Streams(FP32, (FP32, FP32, FP32)),
                          lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
-    "fusedopt fp32": (FP32, Streams(FP32, (FP32, FP32, FP32)),
+    "fusedopt fp32": (Streams(FP32, (FP32, FP32, FP32)),
                       lambda ps: fusedopt.AdamW(ps, **KW)),
-    "fusedopt fp32, bf16 moments": (FP32, Streams(FP32, (FP32, BF16, BF16)),
+    "fusedopt fp32, bf16 moments": (Streams(FP32, (FP32, BF16, BF16)),
                                     lambda ps: fusedopt.AdamW(ps, **KW, state_dtype=BF16)),
-    "fusedopt fp32, 8-bit moments": (FP32, Streams(FP32, (FP32, U8, U8)),
+    "fusedopt fp32, 8-bit moments": (Streams(FP32, (FP32, U8, U8)),
                                      lambda ps: fusedopt.AdamW(ps, **KW, state_dtype=U8)),
-    "bitsandbytes AdamW8bit fp32": (FP32, Streams(FP32, (FP32, U8, U8)), "AdamW8bit"),
-    "torch fused bf16": (BF16, Streams(BF16, (BF16, BF16, BF16)),
+    "bitsandbytes AdamW8bit fp32": (Streams(FP32, (FP32, U8, U8)), "AdamW8bit"),
+    "torch fused bf16": (Streams(BF16, (BF16, BF16, BF16)),
                          lambda ps: torch.optim.AdamW(ps, **KW, fused=True)),
-    "fusedopt bf16": (BF16, Streams(BF16, (BF16, BF16, BF16)),
+    "fusedopt bf16": (Streams(BF16, (BF16, BF16, BF16)),
                       lambda ps: fusedopt.AdamW(ps, **KW)),
     "fusedopt bf16, fp32 master, fp32 moments": (
-        BF16, Streams(BF16, (FP32, FP32, FP32), written=(BF16,)),
+        Streams(BF16, (FP32, FP32, FP32), written=(BF16,)),
         lambda ps: fusedopt.AdamW(ps, **KW, master_weights=True, state_dtype=FP32)),
     "fusedopt bf16, fp32 master, 8-bit moments": (
-        BF16, Streams(BF16, (FP32, U8, U8), written=(BF16,)),
+        Streams(BF16, (FP32, U8, U8), written=(BF16,)),
         lambda ps: fusedopt.AdamW(ps, **KW, master_weights=True, state_dtype=U8)),
     "fusedopt bf16, compact master, bf16 moments": (
-        BF16, Streams(BF16, (BF16, I8, BF16, BF16)),
+        Streams(BF16, (BF16, I8, BF16, BF16)),
         lambda ps: fusedopt.AdamW(ps, **KW, master_weights="compact", state_dtype=BF16)),
     "fusedopt bf16, compact master, 8-bit moments": (
-        BF16, Streams(BF16, (BF16, I8, U8, U8)),
+        Streams(BF16, (BF16, I8, U8, U8)),
         lambda ps: fusedopt.AdamW(ps, **KW, master_weights="compact", state_dtype=U8)),
     "fusedopt bf16, Kahan, bf16 moments": (
-        BF16, Streams(BF16, (BF16, BF16, BF16, BF16)),
+        Streams(BF16, (BF16, BF16, BF16, BF16)),
         lambda ps: fusedopt.AdamW(ps, **KW, kahan_summation=True)),
     "fusedopt bf16, stochastic rounding, bf16 moments": (
-        BF16, Streams(BF16, (BF16, BF16, BF16)),
+        Streams(BF16, (BF16, BF16, BF16)),
         lambda ps: fusedopt.AdamW(ps, **KW, stochastic_rounding=True)),
 }
 
@@ -112,14 +108,14 @@ def momentum_modes(make, kw: dict, baseline: dict, peer: str) -> dict:
     """Lion's or SGD's modes: one momentum buffer beside the param (bf16 params with the compact
     master: the param, its correction and the buffer's codes)."""
     return {**baseline,
-            "fusedopt fp32": (FP32, Streams(FP32, (FP32, FP32)), lambda ps: make(ps, **kw)),
-            "fusedopt fp32, bf16 momentum": (FP32, Streams(FP32, (FP32, BF16)),
+            "fusedopt fp32": (Streams(FP32, (FP32, FP32)), lambda ps: make(ps, **kw)),
+            "fusedopt fp32, bf16 momentum": (Streams(FP32, (FP32, BF16)),
                                              lambda ps: make(ps, **kw, state_dtype=BF16)),
-            "fusedopt fp32, 8-bit momentum": (FP32, Streams(FP32, (FP32, U8)),
+            "fusedopt fp32, 8-bit momentum": (Streams(FP32, (FP32, U8)),
                                               lambda ps: make(ps, **kw, state_dtype=U8)),
-            f"bitsandbytes {peer} fp32": (FP32, Streams(FP32, (FP32, U8)), peer),
+            f"bitsandbytes {peer} fp32": (Streams(FP32, (FP32, U8)), peer),
             "fusedopt bf16, compact master, 8-bit momentum": (
-                BF16, Streams(BF16, (BF16, I8, U8)),
+                Streams(BF16, (BF16, I8, U8)),
                 lambda ps: make(ps, **kw, master_weights="compact", state_dtype=U8))}
 
 
@@ -128,7 +124,7 @@ ALGORITHMS = {
     "adamw": (ADAMW_MODES, KW),
     "lion": (momentum_modes(fusedopt.Lion, LION_KW, {}, "Lion8bit"), LION_KW),
     "sgd": (momentum_modes(fusedopt.SGD, SGD_KW, {"torch fused fp32": (
-        FP32, Streams(FP32, (FP32, FP32)), lambda ps: torch.optim.SGD(ps, **SGD_KW, fused=True))},
+        Streams(FP32, (FP32, FP32)), lambda ps: torch.optim.SGD(ps, **SGD_KW, fused=True))},
         "SGD8bit"), SGD_KW),
 }
 
@@ -194,16 +190,16 @@ def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int, device: str
     each mode's floor probe."""
     numel = sum(torch.Size(s).numel() for s in shapes)
     makers = {}
-    for name, (dtype, streams, make) in modes.items():
+    for name, (streams, make) in modes.items():
         if isinstance(make, str):
             make = bitsandbytes_optimizer(make, peer_kw, device)
         if make is not None:
-            makers[name] = (dtype, streams, make)
+            makers[name] = (streams, make)
     probe_name, probe, probe_bytes = bandwidth_probe(device, numel, 28)
-    floors = floor_probes([streams for _, streams, _ in makers.values()], numel, device)
+    floors = floor_probes([streams for streams, _ in makers.values()], numel, device)
     measure = timer(device)
-    optimizers = {name: make(make_params(shapes, dtype, device))
-                  for name, (dtype, _, make) in makers.items()}
+    optimizers = {name: make(make_params(shapes, streams.grad, device))
+                  for name, (streams, make) in makers.items()}
     for step in [o.step for o in optimizers.values()] + [probe, *floors.values()]:
         step()  # state, first touch
         step()
@@ -219,16 +215,16 @@ def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int, device: str
     baseline_name = next(iter(optimizers))
     baseline = medians[baseline_name]
     baseline_state = owned_bytes(optimizers[baseline_name])
-    baseline_floor = medians.get(makers[baseline_name][1])
+    baseline_floor = medians.get(makers[baseline_name][0])
     peer = next((name for name in optimizers if name.startswith("bitsandbytes")), None)
     rows = {}
     for name in optimizers:
         seconds = medians[name]
-        dtype, streams, _ = makers[name]
+        streams, _ = makers[name]
         floor = medians.get(streams)
         state = owned_bytes(optimizers[name])
         rows[name] = {
-            "param_dtype": str(dtype).replace("torch.", ""), "ms": seconds * 1e3,
+            "param_dtype": str(streams.grad).replace("torch.", ""), "ms": seconds * 1e3,
             "time_vs_baseline": seconds / baseline,
             "time_vs_bitsandbytes_8bit": seconds / medians[peer] if peer else None,
             "state_MB": state / 1e6, "state_vs_baseline": state / baseline_state,
