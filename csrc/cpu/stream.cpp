@@ -31,17 +31,18 @@ void stream_rmw_typed(const std::vector<RmwStream>& dst, const src_t* in, int64_
         if (d.dtype == at::kFloat) prefetch_ahead<true>(static_cast<float*>(d.data), i);
       }
     }, [&](int64_t i, int64_t n) {
-      Vec s0, s1, o0, o1;
+      Vec s0, s1;
       load_float(in + i, n, s0, s1);
+      const auto add_src = [&](auto* out) {
+        Vec o0, o1;
+        load_float(out, n, o0, o1);
+        store_float(out, n, o0 + s0, o1 + s1);
+      };
       for (const RmwStream& d : dst) {
         if (d.dtype == at::kFloat) {
-          float* out = static_cast<float*>(d.data) + i;
-          load_float(out, n, o0, o1);
-          store_float(out, n, o0 + s0, o1 + s1);
+          add_src(static_cast<float*>(d.data) + i);
         } else if (d.dtype == at::kBFloat16) {
-          c10::BFloat16* out = static_cast<c10::BFloat16*>(d.data) + i;
-          load_float(out, n, o0, o1);
-          store_float(out, n, o0 + s0, o1 + s1);
+          add_src(static_cast<c10::BFloat16*>(d.data) + i);
         } else {
           // Codes: a plain loop, which the compiler vectorizes (at::vec's partial byte vectors,
           // kVecStep of Vectorized<uint8_t>::size(), go through memcpy on AVX2 and made this
