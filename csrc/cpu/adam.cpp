@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 #include "lean_step.h"
@@ -38,10 +39,12 @@ constexpr int kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kAdamStreams = 5;
 // constant is formed in double as the reference forms it (Python floats) and rounded to T once.
 // Every product and sum rounds on its own, in the reference's order. v_max is read and written
 // only with kAmsgrad. kEstimate (8-bit states, whose own error, ~1e-2, dwarfs the rounding order's
-// and the ~1e-4 of lean's hardware estimates): the same rule in the fewest vector ops, since the
-// 8-bit step is compute-bound: fused multiply-adds, the square root and the division from
-// lean::sqrt_estimate and divide_estimate; exp_avg and exp_avg_sq come already multiplied by
-// beta1 and beta2 (their codecs' decode_factor, set by adam_lean_cpu).
+// and the ~1e-4 of lean's hardware estimates): the same rule in the fewest multiplies, since the
+// 8-bit step is bound by the multiply pipes: fused multiply-adds, the square root and the
+// reciprocal from lean::sqrt_estimate and reciprocal_estimate, and exp_avg and exp_avg_sq in
+// units of 1 - beta1 and 1 - beta2, already multiplied by beta1 and beta2 (their codecs' unit
+// and decode_factor, set by adam_lean_cpu), so that m takes g with an add and v g * g with one
+// fma. Their units' larger values overflow fp32 only past |m| 3e37 and v 3e35 (|g| 6e17).
 template <bool kAmsgrad, typename Vec, bool kEstimate = false>
 auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   using T = typename Vec::value_type;
@@ -53,18 +56,31 @@ auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   const T sign(h.maximize ? -1 : 1);
   const Vec one_minus_beta1(T(1.0 - h.beta1)), beta1(T(h.beta1)), beta2(T(h.beta2)),
       one_minus_beta2(T(1.0 - h.beta2)), eps(T(h.eps)), step_size(T(s.step_size)),
-      inv_bc2_sqrt(T(s.inv_bias_correction2_sqrt)), signed_one_minus_beta1(sign * T(1.0 - h.beta1)),
+      inv_bc2_sqrt(T(s.inv_bias_correction2_sqrt)),
       coupled_weight_decay(decoupled ? T(0) : T(h.weight_decay)),
       signed_coupled_weight_decay(decoupled ? T(0) : sign * T(h.weight_decay)),
       decay(decoupled ? decay_factor<T>(h.lr, h.weight_decay) : T(1));
+  // kEstimate: step_size m / (sqrt(v) inv_bc2 + eps) with m and v in their units is m / denom,
+  // denom = sqrt(v) * sqrt_factor + unit_eps: one reciprocal and no multiply by step_size. Where
+  // the factors overflow (lr 0, or within ~1e-30 of it) the update is 0 (denom inf), not NaN.
+  const double unit_step = s.step_size * (1.0 - h.beta1);
+  T sqrt_factor = T(s.inv_bias_correction2_sqrt * std::sqrt(1.0 - h.beta2) / unit_step);
+  T unit_eps = T(h.eps / unit_step);
+  if (!std::isfinite(sqrt_factor) || !std::isfinite(unit_eps)) {
+    sqrt_factor = T(0);
+    unit_eps = std::numeric_limits<T>::infinity();
+  }
+  const Vec sqrt_factor_vec(sqrt_factor), unit_eps_vec(unit_eps),
+      sign_bit(T(h.maximize ? -0.0 : 0.0));
   return [=](Vec& p, Vec g, Vec& m, Vec& v, Vec& v_max) FUSEDOPT_INLINE_LAMBDA {
     if constexpr (kEstimate) {
-      // g + sign cwd p = sign (sign g + cwd p): the sign rides on (1 - beta1), and g * g drops it.
+      // g + sign cwd p = sign (sign g + cwd p): the sign flips m's increment (a bit, on no
+      // multiply pipe), and g * g drops it.
       if (coupled) g = at::vec::fmadd(signed_coupled_weight_decay, p, g);
-      m = at::vec::fmadd(g, signed_one_minus_beta1, m);
-      v = at::vec::fmadd(g, g * one_minus_beta2, v);
-      const Vec denom = at::vec::fmadd(lean::sqrt_estimate(v), inv_bc2_sqrt, eps);
-      p = at::vec::fnmadd(lean::divide_estimate(m, denom), step_size, p * decay);
+      m = m + (g ^ sign_bit);
+      v = at::vec::fmadd(g, g, v);
+      const Vec denom = at::vec::fmadd(lean::sqrt_estimate(v), sqrt_factor_vec, unit_eps_vec);
+      p = at::vec::fnmadd(m, lean::reciprocal_estimate(denom), p * decay);
       return;
     }
     g = g * Vec(sign) + coupled_weight_decay * p;
@@ -172,8 +188,10 @@ void adam_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const lean::LeanSpec spec = lean::check_lean_lists("adam_lean_", params, grads, states,
                                                      param_extras, state_steps, param_mode);
   if (skip_step(found_inf)) return;
-  if (spec.state_dtype == at::kByte) {  // adam_rule's 8-bit rule leaves these multiplies out
+  if (spec.state_dtype == at::kByte) {  // adam_rule's 8-bit rule takes m and v in these units
+    states[0].unit = static_cast<float>(1.0 - beta1);
     states[0].decode_factor = static_cast<float>(beta1);
+    states[1].unit = static_cast<float>(1.0 - beta2);
     states[1].decode_factor = static_cast<float>(beta2);
   }
 

@@ -49,16 +49,18 @@ inline void check_list(const char* op, at::TensorList params, at::TensorList lis
 }
 
 // One state of a lean op: its values (a float dtype, or uint8 codes) and, for uint8, the
-// per-block absmaxes (empty otherwise). An algorithm whose rule starts by multiplying a state by a
-// constant (Adam's beta1 * exp_avg) may set decode_factor to it for uint8 states, and leave that
-// multiply out of its 8-bit rule: BlockwiseStream folds it into the block's scale, one multiply
-// fewer per element in a step that is compute-bound.
+// per-block absmaxes (empty otherwise). For uint8 states an algorithm may have its 8-bit rule see
+// a state in other units, to leave multiplies out of a step that is compute-bound: the rule gets
+// value * decode_factor / unit and gives back new value / unit (BlockwiseStream folds both into
+// the block's scales; the stored format does not change). Adam's: exp_avg in units of 1 - beta1,
+// times beta1, so its update is beta1 m / (1 - beta1) + g, one add.
 struct StateList {
   const char* name;
   at::TensorList values;
   const char* absmax_name;
   at::TensorList absmaxes;
   float decode_factor = 1.0f;
+  float unit = 1.0f;
 };
 
 // What a lean op's lists hold, once checked.
@@ -162,7 +164,7 @@ auto state_codec(const StateList& state, int64_t t, float* pending) {
   if constexpr (std::is_same_v<state_t, uint8_t>) {
     return BlockwiseStream<kSigned>{state.values[t].data_ptr<uint8_t>(),
                                     state.absmaxes[t].data_ptr<float>(), pending,
-                                    state.decode_factor};
+                                    state.decode_factor, state.unit};
   } else {
     return PlainStream<state_t>{state.values[t].data_ptr<state_t>()};
   }
