@@ -421,6 +421,27 @@ def test_a_nan_state_makes_its_block_nan(backend, device):
     assert torch.isnan(decoded[256:512]).all() and torch.isfinite(decoded[512:]).all()
 
 
+@pytest.mark.parametrize("backend,device", OP_BACKENDS)
+@pytest.mark.parametrize("lr", [0.0, 1e-38])
+def test_8bit_adam_with_a_vanishing_lr_leaves_params_finite(backend, device, lr):
+    """The C++ 8-bit rule divides by lr-derived factors (its m and v in units of 1 - beta): an lr
+    of zero, or one whose factors overflow, must still update nothing, with zero grads and
+    states (sqrt(v) = 0) among the inputs, not make NaNs."""
+    lists = lean_inputs(torch.float32, torch.uint8, "nearest", device=device)
+    for grad in lists[1]:
+        grad[: grad.numel() // 2] = 0.0
+    for column in (2, 3):  # the moments' codes: zero
+        for codes in lists[column]:
+            codes[: codes.numel() // 2] = 128 if column == 2 else 0
+    theirs, before = copy.deepcopy(lists), copy.deepcopy(lists)
+    hyper = dict(HYPER, lr=lr)
+    functional.adam_lean(*lists, **hyper, param_mode="nearest", backend=backend)
+    functional.adam_lean(*theirs, **hyper, param_mode="nearest", backend="reference")
+    for ours, reference_params, params_before in zip(lists[0], theirs[0], before[0]):
+        assert torch.equal(ours, reference_params) and torch.equal(ours, params_before)
+    assert_lean_close(lists, theirs, before)
+
+
 def test_triton_lean_launchers_reject_bad_lists():
     """The Triton launchers check their lists before any launch (so this needs no GPU and no
     interpreter), with the C++ ops' conditions."""

@@ -44,7 +44,8 @@ constexpr int kExpAvg = 2, kExpAvgSq = 3, kMaxExpAvgSq = 4, kAdamStreams = 5;
 // reciprocal from lean::sqrt_estimate and reciprocal_estimate, and exp_avg and exp_avg_sq in
 // units of 1 - beta1 and 1 - beta2, already multiplied by beta1 and beta2 (their codecs' unit
 // and decode_factor, set by adam_lean_cpu), so that m takes g with an add and v g * g with one
-// fma. Their units' larger values overflow fp32 only past |m| 3e37 and v 3e35 (|g| 6e17).
+// fma. In units, values are 1 / (1 - beta) times larger: with the default betas m overflows fp32
+// past 3e37 and v past 3e35 (|g| 6e17) instead of 3e38.
 template <bool kAmsgrad, typename Vec, bool kEstimate = false>
 auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   using T = typename Vec::value_type;
