@@ -614,7 +614,8 @@ OPTIONS = {  # name: (param dtype, fusedopt.AdamW keywords)
 # fp32 run's final loss each lean option must end. Measured (this test's runs, cpp,
 # 2026-12-03): SGD's options within 0.2%; AdamW's within 1.2%, but 8-bit moments 4.2-4.4% below
 # (2026-12-06: 4.4-4.5% with AVX-512's estimates, 4.4-5.1% with an AVX2 build's exact roots;
-# the compact master with fp32 moments 0.02%); Lion's within 0.2%, but 8-bit momentum
+# 4.1-4.8% in both since 820df42 keeps m and v in units of 1 - beta; the compact master with
+# fp32 moments 0.02%); Lion's within 0.2%, but 8-bit momentum
 # (fp32-8bit, bf16-compact-8bit) 5.8-6.0% above (1.2% at lr 1e-4): Lion's sign update flips
 # where a small momentum's coarse code moves beta1 * m + (1 - beta1) * g across zero.
 OPTIMIZERS = {"AdamW": (fusedopt.AdamW, 1e-3, 0.06), "Lion": (fusedopt.Lion, 3e-4, 0.08),
