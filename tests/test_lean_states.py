@@ -178,6 +178,10 @@ HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8, maximiz
              decoupled_weight_decay=True)
 
 
+# The relative error of an update from a rule that only rounds otherwise than the reference (the
+# C++ 8-bit Lion and SGD rules, which keep their momentum in other units), with margin.
+UNITS_RTOL = 2**-20
+
 # The relative error that the C++ 8-bit step's hardware estimates (rsqrt14, rcp14: < 2^-14 each)
 # put on an update, with margin; the 8-bit moments' own error (~1e-2) dwarfs it.
 ESTIMATE_RTOL = 2.5e-4
@@ -234,22 +238,27 @@ def test_lean_op_matches_the_reference(backend, device, param_dtype, moment_dtyp
     functional.adam_lean(*ours, **hyper, param_mode=mode, backend=backend)
     functional.adam_lean(*theirs, **hyper, param_mode=mode, backend="reference")
     if mode == "compact":
-        # Compare the masters the corrections encode: where an update nearly cancels a value
-        # (a param crossing zero), an fp32 ulp of the update is many of the tiny value's
-        # correction steps.
-        # Within one correction step (2^8 fp32 ulps, under 2^-15 of the value), plus the
-        # update's own rounding.
-        for p, c, q, d, p0, c0 in zip(ours[0], ours[6], theirs[0], theirs[6], before[0],
-                                      before[6]):
-            ours_master, their_master = (reference.compact_master(p, c),
-                                         reference.compact_master(q, d))
-            moved = (their_master - reference.compact_master(p0, c0)).abs()
-            bound = (2**-15 * their_master.abs() + 1e-6 * their_master.abs().max()
-                     + estimate_rtol * moved)
-            assert ((ours_master - their_master).abs() <= bound).all()
-        ours[6], theirs[6], before[6] = [], [], []
+        assert_compact_masters_close(ours, theirs, before, 6, estimate_rtol)
     ours, theirs, before = without_stochastic_params(mode, ours, theirs, before)
     assert_lean_close(ours, theirs, before if estimate_rtol else None)
+
+
+def assert_compact_masters_close(ours, theirs, before, extras, rtol):
+    """Compares the compact masters that params (column 0) and their corrections (column
+    `extras`) encode, then drops the corrections from each list set. Where an update nearly
+    cancels a value (a param crossing zero), an fp32 ulp of the update is many of the tiny
+    value's correction steps, so the codes alone would differ by many: the masters must be
+    within one correction step (2^8 fp32 ulps, under 2^-15 of the value), plus `rtol` of how far
+    the step moved them (a rule that rounds otherwise than the reference)."""
+    for p, c, q, d, p0, c0 in zip(ours[0], ours[extras], theirs[0], theirs[extras], before[0],
+                                  before[extras]):
+        ours_master, their_master = (reference.compact_master(p, c),
+                                     reference.compact_master(q, d))
+        moved = (their_master - reference.compact_master(p0, c0)).abs()
+        bound = 2**-15 * their_master.abs() + 1e-6 * their_master.abs().max() + rtol * moved
+        assert ((ours_master - their_master).abs() <= bound).all()
+    for lists in (ours, theirs, before):
+        lists[extras] = []
 
 
 LION_HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False)
@@ -261,14 +270,18 @@ LION_HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=Fal
 def test_lion_lean_op_matches_the_reference(backend, device, param_dtype, moment_dtype, mode):
     """Lion's rule through the same codecs (Adam's inputs less exp_avg_sq): the C++ kernel takes
     the reference's order, so only 8-bit codes (the fourth root's estimate) and stochastic
-    rounding's ties may differ."""
+    rounding's ties may differ; with 8-bit momentum it computes in units of 1 - beta2, a few ulp
+    from the reference's values (a sign could flip only where beta1 m + (1 - beta1) g is within
+    those ulps of zero, which these inputs do not come near)."""
     lists = lean_inputs(param_dtype, moment_dtype, mode, device=device)
     ours = [lists[k] for k in (0, 1, 2, 4, 6, 7)]
-    theirs, steps_before = copy.deepcopy(ours), copy.deepcopy(ours[-1])
+    theirs, before = copy.deepcopy(ours), copy.deepcopy(ours)
     functional.lion_lean(*ours, **LION_HYPER, param_mode=mode, backend=backend)
     functional.lion_lean(*theirs, **LION_HYPER, param_mode=mode, backend="reference")
+    assert all(s.item() == b.item() + 1 for s, b in zip(ours[-1], before[-1]))
+    if mode == "compact":
+        assert_compact_masters_close(ours, theirs, before, 4, UNITS_RTOL)
     assert_lean_close(*without_stochastic_params(mode, ours, theirs))
-    assert all(s.item() == b.item() + 1 for s, b in zip(ours[-1], steps_before))
 
 
 SGD_HYPER = dict(lr=3e-2, dampening=0.1, weight_decay=0.1, maximize=False)
@@ -289,10 +302,13 @@ def test_sgd_lean_op_matches_the_reference(backend, device, param_dtype, moment_
     theirs, steps_before = copy.deepcopy(ours), copy.deepcopy(ours[-1])
     hyper = dict(SGD_HYPER, momentum=momentum, nesterov=nesterov,
                  dampening=0.0 if nesterov else SGD_HYPER["dampening"], is_first_step=first)
+    before = copy.deepcopy(ours)
     functional.sgd_lean(*ours, **hyper, param_mode=mode, backend=backend)
     functional.sgd_lean(*theirs, **hyper, param_mode=mode, backend="reference")
-    assert_lean_close(*without_stochastic_params(mode, ours, theirs))
     assert all(s.item() == b.item() + 1 for s, b in zip(ours[-1], steps_before))
+    if mode == "compact":
+        assert_compact_masters_close(ours, theirs, before, 4, UNITS_RTOL)
+    assert_lean_close(*without_stochastic_params(mode, ours, theirs))
 
 
 MUON_MODES = [(torch.float32, torch.uint8), (torch.float32, torch.bfloat16),
@@ -491,6 +507,11 @@ def test_lean_op_rejects_bad_lists():
         op(*lists, **HYPER, param_mode="fp32")
     with pytest.raises(RuntimeError, match="bfloat16 / float16"):
         op(*lists[:6], [t.clone() for t in lists[0]], lists[7], **HYPER, param_mode="master")
+    # The 8-bit rule keeps m and v in units of 1 - beta (torch's Adam rejects such betas too).
+    steps = [t.clone() for t in lists[7]]
+    with pytest.raises(RuntimeError, match=r"betas below 1, got \(1, 0.99\)"):
+        op(*lists[:7], steps, **dict(HYPER, beta1=1.0), param_mode="nearest")
+    assert all(torch.equal(a, b) for a, b in zip(steps, lists[7]))  # nothing stepped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -190,6 +190,8 @@ void adam_lean_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                                                      param_extras, state_steps, param_mode);
   if (skip_step(found_inf)) return;
   if (spec.state_dtype == at::kByte) {  // adam_rule's 8-bit rule takes m and v in these units
+    TORCH_CHECK(beta1 < 1.0 && beta2 < 1.0, "fusedopt.adam_lean_: 8-bit states need betas below "
+                "1, got (", beta1, ", ", beta2, ")");
     states[0].unit = static_cast<float>(1.0 - beta1);
     states[0].decode_factor = static_cast<float>(beta1);
     states[1].unit = static_cast<float>(1.0 - beta2);

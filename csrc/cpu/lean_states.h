@@ -253,14 +253,13 @@ FUSEDOPT_INLINE float reduce_max_abs(const Vec& acc) {
 }
 
 // An 8-bit blockwise state (kSigned: exp_avg's code, 128 + round(127 z); else exp_avg_sq's,
-// round(255 z); z = sign(x) |x / absmax|^(1/4)). Values are decoded with the block's stored
-// absmax, times decode_factor / unit (StateList's), and come back in `unit`s; a block's new
-// values wait in `pending`
-// (L1) until the block ends and its new absmax (gathered as they are stored) is known, and are
-// encoded then. A NaN value makes the absmax NaN, as the reference's amax does, so the whole block
-// decodes to NaN: a blow-up stays visible rather than leaving a finite state. `pending` is the
-// caller's buffer, not a member: a codec holding an array lived in memory, where any store (the
-// vector stores may alias anything) could change its fields, so the absmax being gathered went
+// round(255 z); z = sign(x) |x / absmax|^(1/4)). Values are decoded with the block's stored absmax,
+// times decode_factor / unit (StateList's), and come back in `unit`s; a block's new values wait in
+// `pending` (L1) until the block ends and its new absmax (gathered as they are stored) is known,
+// and are encoded then. A NaN value makes the absmax NaN, as the reference's amax does, so the
+// whole block decodes to NaN: a blow-up stays visible rather than leaving a finite state. `pending`
+// is the caller's buffer, not a member: a codec holding an array lived in memory, where any store
+// (the vector stores may alias anything) could change its fields, so the absmax being gathered went
 // through the stack every iteration; without one it stays in a register (the in-cache 8-bit AdamW
 // step took ~22% less time).
 template <bool kSigned>
