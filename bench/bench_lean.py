@@ -23,8 +23,12 @@ bf16 streams convert as the steps' do, which is integer work on CPUs without AVX
 "time / floor" is how far the step is from what this machine's memory allows for its bytes, and
 "floor / baseline's" the lowest "time / baseline" it could reach here (streams of 1 or 2 bytes
 move at a lower rate than fp32 ones, so it is above the ratio of bytes moved).
+With --pairs N, each fusedopt mode also takes N single steps alternating with the baseline's
+(which goes first swaps every pair): "paired / baseline" is the median of the N time ratios
+and its quartiles, each ratio from two steps a few ms apart, for a machine whose memory speed
+drifts between rounds.
 
-    python bench/bench_lean.py [--rounds 5] [--device cuda]
+    python bench/bench_lean.py [--rounds 5] [--pairs 0] [--device cuda]
 Writes a table per algorithm to the terminal, and JSON + Markdown under
 bench/results/<machine>/lean.*. On CUDA the fusedopt modes run the Triton kernels, and the
 bandwidth probe is torch's in-place add (12 B/elem).
@@ -184,10 +188,28 @@ def floor_probes(patterns, numel: int, device: str) -> dict[Streams, object]:
     return probes
 
 
-def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int, device: str
+def paired_ratio(baseline, step, pairs: int, measure) -> dict[str, float]:
+    """The median and quartiles of step's time over baseline's in `pairs` alternating single
+    steps; which one goes first swaps every pair."""
+    ratios = []
+    for i in range(pairs):
+        if i % 2 == 0:
+            base = measure(baseline, 1)
+            mine = measure(step, 1)
+        else:
+            mine = measure(step, 1)
+            base = measure(baseline, 1)
+        ratios.append(mine / base)
+    ratios.sort()
+    return {"median": statistics.median(ratios),
+            "q1": ratios[round(0.25 * (pairs - 1))], "q3": ratios[round(0.75 * (pairs - 1))]}
+
+
+def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int, device: str, pairs: int = 0
                   ) -> dict[str, object]:
     """One algorithm's table: its modes interleaved round by round with the bandwidth probe and
-    each mode's floor probe."""
+    each mode's floor probe; then, with pairs, each fusedopt mode alternated with the baseline
+    (paired_ratio)."""
     numel = sum(torch.Size(s).numel() for s in shapes)
     makers = {}
     for name, (streams, make) in modes.items():
@@ -217,6 +239,9 @@ def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int, device: str
     baseline_state = owned_bytes(optimizers[baseline_name])
     baseline_floor = medians.get(makers[baseline_name][0])
     peer = next((name for name in optimizers if name.startswith("bitsandbytes")), None)
+    paired = {name: paired_ratio(optimizers[baseline_name].step, opt.step, pairs, measure)
+              for name, opt in optimizers.items()
+              if pairs and name != baseline_name and name.startswith("fusedopt")}
     rows = {}
     for name in optimizers:
         seconds = medians[name]
@@ -234,16 +259,19 @@ def run_algorithm(modes: dict, peer_kw: dict, shapes, rounds: int, device: str
             "floor_ms": floor * 1e3 if floor else None,
             "time_vs_floor": seconds / floor if floor else None,
             "floor_vs_baseline_floor": floor / baseline_floor if floor else None,
+            "paired_vs_baseline": paired.get(name),
             "ms_samples": [s * 1e3 for s in samples[name]]}
     return {"tensors": len(shapes), "params": numel, "bandwidth_GBps": bandwidth,
             "bandwidth_probe": probe_name, "baseline": baseline_name,
-            "bitsandbytes_peer": peer, "rows": rows}
+            "bitsandbytes_peer": peer, "pairs": pairs, "rows": rows}
 
 
-def run(rounds: int, algorithms=tuple(ALGORITHMS), device: str = "cpu") -> dict[str, object]:
+def run(rounds: int, algorithms=tuple(ALGORITHMS), device: str = "cpu", pairs: int = 0
+        ) -> dict[str, object]:
     shapes = workload_shapes("large")
     return {"machine": _report.machine(device),
-            "results": {f"{name} lean": run_algorithm(*ALGORITHMS[name], shapes, rounds, device)
+            "results": {f"{name} lean": run_algorithm(*ALGORITHMS[name], shapes, rounds, device,
+                                                      pairs)
                         for name in algorithms}}
 
 
@@ -252,6 +280,12 @@ TITLES = {"adamw lean": "AdamW", "lion lean": "Lion", "sgd lean": "SGD (momentum
 
 def _cell(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def _paired_cell(paired: dict[str, float] | None) -> str:
+    if paired is None:
+        return ""
+    return f"{paired['median']:.2f} ({paired['q1']:.2f}-{paired['q3']:.2f})"
 
 
 def markdown(report: dict[str, object]) -> str:
@@ -263,8 +297,9 @@ def markdown(report: dict[str, object]) -> str:
                   f"Baseline: {result['baseline']}.", "",
                   "| mode | params | ms/step | time / baseline | time / bnb 8-bit | "
                   "state MB | state / baseline's | state B/param | moved B/param | GB/s | "
-                  "% of bandwidth | floor ms | time / floor | floor / baseline's |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "% of bandwidth | floor ms | time / floor | floor / baseline's | "
+                  f"paired / baseline ({result['pairs']} pairs) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, row in result["rows"].items():
             lines.append(
                 f"| {name} | {row['param_dtype']} | {row['ms']:.2f} | "
@@ -273,20 +308,23 @@ def markdown(report: dict[str, object]) -> str:
                 f"{row['state_B_per_param']:.2f} | {row['moved_B_per_param']} | "
                 f"{row['GBps']:.1f} | {row['pct_bandwidth']:.0f}% | "
                 f"{_cell(row['floor_ms'], 2)} | {_cell(row['time_vs_floor'], 2)} | "
-                f"{_cell(row['floor_vs_baseline_floor'], 2)} |")
+                f"{_cell(row['floor_vs_baseline_floor'], 2)} | "
+                f"{_paired_cell(row['paired_vs_baseline'])} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="alternating single steps of each fusedopt mode and the baseline")
     parser.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS),
                         default=list(ALGORITHMS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=None,
                         help="results file stem (default: bench/results/<machine>/lean)")
     args = parser.parse_args()
-    report = run(args.rounds, args.algorithms, args.device)
+    report = run(args.rounds, args.algorithms, args.device, args.pairs)
     text = markdown(report)
     print(text)
     _report.write(args.out or _report.results_dir(args.device) / "lean", report, text)

@@ -28,6 +28,36 @@ def test_each_mode_steps_and_reports(algorithm):
     assert bench_lean.markdown(report).count("\n| ") == len(rows) + 1
 
 
+def test_pairs_alternate_each_fusedopt_mode_with_the_baseline():
+    modes, peer_kw = bench_lean.ALGORITHMS["sgd"]
+    result = bench_lean.run_algorithm(modes, peer_kw, [(64, 80)], rounds=1, device="cpu",
+                                      pairs=4)
+    rows = result["rows"]
+    for name, row in rows.items():
+        paired = row["paired_vs_baseline"]
+        if name.startswith("fusedopt"):
+            assert 0 < paired["q1"] <= paired["median"] <= paired["q3"], name
+        else:  # the baseline (torch's step) and the peers are not alternated
+            assert paired is None, name
+    report = {"machine": bench_lean._report.machine("cpu"), "results": {"sgd lean": result}}
+    assert "paired / baseline (4 pairs)" in bench_lean.markdown(report)
+
+
+def test_paired_ratio_is_the_median_of_alternating_steps():
+    """Each pair's ratio is the step's time over the baseline's; which one runs first swaps
+    every pair."""
+    order = []
+    times = {"baseline": 2.0, "step": 3.0}
+
+    def measure(fn, count):
+        order.append(fn)
+        return times[fn]
+
+    paired = bench_lean.paired_ratio("baseline", "step", 3, measure)
+    assert order == ["baseline", "step", "step", "baseline", "baseline", "step"]
+    assert paired == {"median": 1.5, "q1": 1.5, "q3": 1.5}
+
+
 def test_bytes_moved_per_param_follow_the_streams():
     """fp32 AdamW: p, m, v read and written, g read; 8-bit moments and the compact master as
     the README counts them; a bf16 param beside its fp32 master is written, not read."""
