@@ -64,15 +64,19 @@ auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   // kEstimate: step_size m / (sqrt(v) inv_bc2 + eps) with m and v in their units is m / denom,
   // denom = sqrt(v) * sqrt_factor + unit_eps: one reciprocal and no multiply by step_size. Where
   // the factors overflow (lr 0, or within ~1e-30 of it) the update is 0 (denom inf), not NaN.
-  const double unit_step = s.step_size * (1.0 - h.beta1);
-  T sqrt_factor = T(s.inv_bias_correction2_sqrt * std::sqrt(1.0 - h.beta2) / unit_step);
-  T unit_eps = T(h.eps / unit_step);
-  if (!std::isfinite(sqrt_factor) || !std::isfinite(unit_eps)) {
-    sqrt_factor = T(0);
-    unit_eps = std::numeric_limits<T>::infinity();
+  Vec sqrt_factor_vec, unit_eps_vec, sign_bit;
+  if constexpr (kEstimate) {
+    const double unit_step = s.step_size * (1.0 - h.beta1);
+    T sqrt_factor = T(s.inv_bias_correction2_sqrt * std::sqrt(1.0 - h.beta2) / unit_step);
+    T unit_eps = T(h.eps / unit_step);
+    if (!std::isfinite(sqrt_factor) || !std::isfinite(unit_eps)) {
+      sqrt_factor = T(0);
+      unit_eps = std::numeric_limits<T>::infinity();
+    }
+    sqrt_factor_vec = Vec(sqrt_factor);
+    unit_eps_vec = Vec(unit_eps);
+    sign_bit = Vec(T(h.maximize ? -0.0 : 0.0));
   }
-  const Vec sqrt_factor_vec(sqrt_factor), unit_eps_vec(unit_eps),
-      sign_bit(T(h.maximize ? -0.0 : 0.0));
   return [=](Vec& p, Vec g, Vec& m, Vec& v, Vec& v_max) FUSEDOPT_INLINE_LAMBDA {
     if constexpr (kEstimate) {
       // g + sign cwd p = sign (sign g + cwd p): the sign flips m's increment (a bit, on no
