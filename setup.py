@@ -141,6 +141,9 @@ def optional_build_ext(base):
                     raise
                 print(f"fusedopt: the C++ extension failed to build ({error}); "
                       "installing without it", file=sys.stderr)
+                # Rebound, not mutated (the build loop is iterating the old list): the copy into
+                # the source tree (editable installs) and the wheel's outputs skip it.
+                self.extensions = [other for other in self.extensions if other is not ext]
 
     return BuildExt
 

@@ -360,8 +360,12 @@ def _norm(
     flat = (lambda t: None if t is None else t.reshape(-1, n))
     params = (lambda t: None if t is None else t.reshape(n))
     # Any tensor of a dtype the kernels do not take (fp64, complex): the reference, in its dtype.
-    dtype = next((t.dtype for t in (weight, bias, residual)
-                  if t is not None and t.dtype not in _registry.KERNEL_DTYPES), x.dtype)
+    # A loop, not next(generator, default): torch 2.6's dynamo cannot trace that (fullgraph).
+    dtype = x.dtype
+    for t in (weight, bias, residual):
+        if t is not None and t.dtype not in _registry.KERNEL_DTYPES:
+            dtype = t.dtype
+            break
     impl = _registry.resolve("norm", backend, x.device, dtype)
     y, residual_out = impl.run(flat(x), flat(residual), params(weight), params(bias), eps, rms,
                                zero_centered_weight, residual_in_fp32)

@@ -3,6 +3,7 @@ and the op's own contract (step advance, found_inf skip, grad unscale) holds for
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -158,7 +159,12 @@ def independent_step(algorithm: str, lists, hyper: dict, lr: float, grad_scale: 
     torch._foreach_div_(lists[1], grad_scale)
     hyper = {k: v for k, v in hyper.items() if k != "is_first_step"}
     if algorithm == "adam":
-        torch_adam(*lists, foreach=False, lr=lr, **hyper)
+        if "decoupled_weight_decay" in inspect.signature(torch_adam).parameters:
+            torch_adam(*lists, foreach=False, lr=lr, **hyper)
+        else:  # torch 2.6: AdamW's decay is its own function there
+            from torch.optim.adamw import adamw
+            decoupled = hyper.pop("decoupled_weight_decay")
+            (adamw if decoupled else torch_adam)(*lists, foreach=False, lr=lr, **hyper)
     elif algorithm == "sgd":
         torch_sgd(*lists, foreach=False, lr=lr, **hyper)
     else:

@@ -85,7 +85,7 @@ auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
       m = m + (g ^ sign_bit);
       v = at::vec::fmadd(g, g, v);
       const Vec denom = at::vec::fmadd(lean::sqrt_estimate(v), sqrt_factor_vec, unit_eps_vec);
-      p = at::vec::fnmadd(m, lean::reciprocal_estimate(denom), p * decay);
+      p = lean::fnmadd(m, lean::reciprocal_estimate(denom), p * decay);
       return;
     }
     g = g * Vec(sign) + coupled_weight_decay * p;

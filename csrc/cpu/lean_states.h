@@ -191,6 +191,18 @@ FUSEDOPT_INLINE Vec reciprocal_estimate(const Vec& b) {
 #endif
 }
 
+// c - a * b in one rounding where the ISA fuses it (at::vec::fnmadd is missing from older torch
+// headers, 2.6's among them).
+FUSEDOPT_INLINE Vec fnmadd(const Vec& a, const Vec& b, const Vec& c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_fnmadd_ps(a, b, c);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_fnmadd_ps(a, b, c);
+#else
+  return c - a * b;
+#endif
+}
+
 // y^(1/4) for y in [0, 255^4], as rsqrt(rsqrt(y)); 0 maps to rsqrt(inf) = 0. Under 1% of codes
 // round to the neighbour of the reference's (which takes exact roots).
 FUSEDOPT_INLINE Vec fourth_root(const Vec& y) {

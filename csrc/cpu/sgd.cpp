@@ -64,8 +64,8 @@ auto sgd_rule_in_units(const SgdHyper& h) {
     g = g ^ sign_bit;
     if (decay) g = at::vec::fmadd(weight_decay, p, g);
     buf = at::vec::fmadd(buf, momentum, g);
-    p = nesterov ? at::vec::fnmadd(at::vec::fmadd(buf, unit_momentum, g), lr, p)
-                 : at::vec::fnmadd(buf, unit_lr, p);
+    p = nesterov ? lean::fnmadd(at::vec::fmadd(buf, unit_momentum, g), lr, p)
+                 : lean::fnmadd(buf, unit_lr, p);
   };
 }
 
