@@ -64,7 +64,7 @@ auto adam_rule(const AdamHyper& h, const AdamStepScalars& s) {
   // kEstimate: step_size m / (sqrt(v) inv_bc2 + eps) with m and v in their units is m / denom,
   // denom = sqrt(v) * sqrt_factor + unit_eps: one reciprocal and no multiply by step_size. Where
   // the factors overflow (lr 0, or within ~1e-30 of it) the update is 0 (denom inf), not NaN.
-  Vec sqrt_factor_vec, unit_eps_vec, sign_bit;
+  Vec sqrt_factor_vec(T(0)), unit_eps_vec(T(0)), sign_bit(T(0));  // set for kEstimate only
   if constexpr (kEstimate) {
     const double unit_step = s.step_size * (1.0 - h.beta1);
     T sqrt_factor = T(s.inv_bias_correction2_sqrt * std::sqrt(1.0 - h.beta2) / unit_step);
